@@ -1,0 +1,10 @@
+"""labkit: optimizers, CIFAR data on the device, and a fast training loop for the
+course *Optimization for Deep Learning*.
+
+The package mirrors the book: each module's docstring names the chapter and the
+equations it implements.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,591 @@
+"""The ``labkit`` command line: ``train``, ``sweep``, ``critical``, ``sharpness`` and ``info``.
+
+Examples::
+
+    labkit train --profile smoke --optimizer shb --lr 0.05 --out runs/smoke
+    labkit train --dataset cifar10 --model resnet44 --optimizer adam --lr 1e-3 \\
+        --batch-size 128 --epochs 200 --set eta=3 --out runs/adam-eta3
+    labkit sweep grid.yaml --out runs/bs-sweep --dry-run
+    labkit critical --optimizer shb --lr 0.1 --beta 0.9 --eps 0.5 --sfo 512:2.1e6 1024:1.9e6
+    labkit critical --results runs/sfo-sweep --eps 0.5
+    labkit sharpness runs/smoke --rho 0.0002
+    labkit info
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from labkit import __version__
+
+
+def parse_value(text: str) -> Any:
+    """``"3"`` -> 3, ``"0.9"`` -> 0.9, ``"true"`` -> True, ``"[0.9, 0.99]"`` -> [0.9, 0.99]."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"eta=3"`` -> ("eta", 3); raises argparse.ArgumentTypeError when malformed."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. beta=0.9), got {text!r}")
+    return key.strip(), parse_value(value)
+
+
+def parse_schedule(text: str) -> dict[str, Any]:
+    """``"step:every=40,factor=0.7071"`` -> {"kind": "step", "every": 40, "factor": 0.7071}.
+
+    A JSON object is accepted as well.
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {text!r} ({e})") from e
+        if not isinstance(spec, dict):
+            raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+        return spec
+    kind, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"kind": kind.strip()}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, value = parse_assignment(part)
+        spec[key] = value
+    return spec
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from labkit.models import MODEL_NAMES
+    from labkit.optim import OPTIMIZER_NAMES
+    from labkit.train import DATASETS, PRECISIONS, PROFILES
+
+    parser = argparse.ArgumentParser(
+        prog="labkit",
+        description="Optimization for deep learning: train CIFAR models with the course's "
+        "optimizers, and inspect the installation.",
+    )
+    parser.add_argument("--version", action="version", version=f"labkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser(
+        "train",
+        help="train one run (resumes an interrupted run in the same --out folder)",
+        description="Train one run. Re-running the same command on the same --out folder "
+        "resumes after the last finished epoch, or prints the stored result.",
+    )
+    t.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    t.add_argument("--model", choices=MODEL_NAMES, default=None,
+                   help="default: tiny for --profile smoke, else the paper's model")
+    t.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd")
+    t.add_argument("--lr", type=_float, default=0.1, help="initial learning rate (default 0.1)")
+    t.add_argument("--batch-size", type=_positive_int, default=None)
+    t.add_argument("--epochs", type=_positive_int, default=None)
+    t.add_argument("--weight-decay", type=_float, default=0.0)
+    t.add_argument("--set", dest="hparams", action="append", type=parse_assignment, default=[],
+                   metavar="KEY=VALUE",
+                   help="optimizer hyperparameter, e.g. --set beta=0.9 --set eta=3 (repeatable)")
+    t.add_argument("--lr-schedule", type=parse_schedule, default=None, metavar="SPEC",
+                   help="e.g. step:every=40,factor=0.7071 or cosine or poly:power=0.9")
+    t.add_argument("--batch-schedule", type=parse_schedule, default=None, metavar="SPEC",
+                   help="e.g. step:every=40,factor=2")
+    t.add_argument("--profile", choices=PROFILES, default="short")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto")
+    t.add_argument("--compile", action="store_true", help="use torch.compile")
+    t.add_argument("--no-augment", dest="augment", action="store_false")
+    t.add_argument("--data-root", default=None,
+                   help="folder with cifar-10-batches-py / cifar-100-python "
+                   "(default: $LABKIT_DATA or ~/.cache/labkit/data)")
+    t.add_argument("--download", action="store_true",
+                   help="download CIFAR with torchvision when it is missing")
+    t.add_argument("--out", default=None, help="run folder (config, metrics, checkpoint, result)")
+    t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    t.set_defaults(subparser=t)
+
+    _add_science_parsers(sub, PROFILES)
+
+    i = sub.add_parser("info", help="versions, device, and which data sets are present")
+    i.add_argument("--data-root", default=None)
+    return parser
+
+
+def _sfo_pair(text: str) -> tuple[int, float]:
+    """``"512:2.1e6"`` -> (512, 2100000.0)."""
+    b, sep, value = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        batch, sfo = int(b), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected BATCH:SFO (e.g. 512:2.1e6), got {text!r}"
+        ) from None
+    if batch < 1 or not sfo >= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a batch size >= 1 and an SFO complexity >= 0, got {text!r}"
+        )
+    return batch, sfo
+
+
+def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
+    from labkit.critical import OPTIMIZERS as CRITICAL_OPTIMIZERS
+    from labkit.sharpness import NORMS
+
+    s = sub.add_parser(
+        "sweep",
+        help="run a grid of training runs from a YAML file (resumable, never recomputes)",
+        description="Run every point of GRID.yaml (base: TrainConfig fields; grid: axis -> "
+        "list of values; zip: axes that vary together; see labkit.experiments.sweep). Each "
+        "point trains in DIR/runs/<config hash>; DIR/index.json lists them. Re-running the "
+        "same command skips finished points and resumes interrupted ones.",
+    )
+    s.add_argument("grid", metavar="GRID.yaml", help="the grid spec (YAML)")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="sweep folder (index.json and runs/)")
+    s.add_argument("--profile", choices=profiles, default=None,
+                   help="set base.profile (a grid axis 'profile' still wins)")
+    s.add_argument("--data-root", default=None, help="set base.data_root")
+    s.add_argument("--device", default=None,
+                   help="set base.device: auto, cpu, cuda, cuda:N (part of each run's "
+                   "identity: runs made with another device setting are not reused)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="list the points and which are already done; train nothing")
+    s.add_argument("--quiet", action="store_true", help="no per-point lines")
+    s.set_defaults(subparser=s)
+
+    c = sub.add_parser(
+        "critical",
+        help="critical batch size b* and the C^2 bound it implies (seed 004 Theorem 4.4)",
+        description="Compute the critical batch size b* = argmin_b SFO(b) and, by Theorem 4.4 "
+        "of Sato & Iiduka (arXiv:2402.02325) read backwards, the upper bound on the "
+        "stochastic-gradient variance C^2. This command does the formula part; the SFO "
+        "complexities come either from --sfo (measured elsewhere) or from --results, a sweep "
+        "folder whose runs recorded gradient norms: there T is the first epoch end at which "
+        "the running mean of the mini-batch gradient norm is <= eps (an upper bound on the "
+        "step-exact T by less than one epoch), SFO = T b averaged over seeds, and runs are "
+        "grouped by optimizer, lr and beta.",
+    )
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--sfo", nargs="+", type=_sfo_pair, metavar="BATCH:SFO",
+                     help="measured SFO complexities, e.g. --sfo 256:3e6 512:2e6 1024:2.4e6")
+    src.add_argument("--results", metavar="DIR", help="a sweep folder (labkit sweep --out)")
+    c.add_argument("--eps", type=_float, required=True,
+                   help="the gradient-norm threshold of the stopping test (the paper: 0.5)")
+    c.add_argument("--optimizer", choices=CRITICAL_OPTIMIZERS, default=None,
+                   help="required with --sfo; with --results, keep only this optimizer")
+    c.add_argument("--lr", type=_float, default=None,
+                   help="required with --sfo; with --results, keep only this learning rate")
+    c.add_argument("--beta", type=_float, default=None,
+                   help="momentum (required with --sfo for shb and nshb)")
+    c.add_argument("--min-epochs", type=int, default=0,
+                   help="with --results: apply the stopping test from this epoch on (default 0)")
+    c.set_defaults(subparser=c)
+
+    h = sub.add_parser(
+        "sharpness",
+        help="adaptive sharpness of a trained run (seed 004 §5.3)",
+        description="Load RUN_DIR's config.json and the model of its checkpoint.pt, and "
+        "measure the worst-case adaptive sharpness max_{||delta/|w| ||_p <= rho} L(w + delta) "
+        "- L(w), averaged over --batches batches (Kwon et al. 2021; labkit.sharpness). The "
+        "value is cached in RUN_DIR/sharpness.json under its settings.",
+    )
+    h.add_argument("run", metavar="RUN_DIR", help="a run folder (labkit train --out, or a "
+                   "sweep's runs/<hash>)")
+    h.add_argument("--rho", type=_float, default=0.0002, help="radius (default 0.0002)")
+    h.add_argument("--norm", choices=NORMS, default="linf")
+    h.add_argument("--batches", type=_positive_int, default=4, help="batches to average over")
+    h.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per batch (default: the run's batch size)")
+    h.add_argument("--split", choices=("train", "test"), default="train",
+                   help="the data the loss is measured on (default train: the seed's S)")
+    h.add_argument("--n-iters", type=_positive_int, default=20,
+                   help="ascent iterations per batch (default 20)")
+    h.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+                   help="plain sharpness (c = 1) instead of adaptive (c = |w|)")
+    h.add_argument("--seed", type=int, default=0, help="picks the images (default 0)")
+    h.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    h.add_argument("--data-root", default=None, help="override the run's data_root")
+    h.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="measure again even if sharpness.json holds this setting")
+    h.set_defaults(subparser=h)
+
+
+def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from labkit.data import DatasetError
+    from labkit.train import Callback, TrainConfig, train
+
+    hparams: dict[str, Any] = {}
+    for key, value in args.hparams:
+        if key in hparams:
+            parser.error(f"--set {key} given twice")
+        hparams[key] = value
+    config = TrainConfig(
+        dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
+        batch_size=args.batch_size, epochs=args.epochs, hparams=hparams,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
+        batch_schedule=args.batch_schedule, seed=args.seed, device=args.device,
+        precision=args.precision, compile=args.compile, augment=args.augment,
+        data_root=args.data_root, download=args.download, out=args.out, profile=args.profile,
+    )
+    try:
+        config = config.resolved()
+    except ValueError as e:
+        parser.error(str(e))
+
+    class _Print(Callback):
+        def on_epoch_end(self, state, m):
+            def f(v, fmt):
+                return "nan" if v is None else format(v, fmt)
+
+            print(
+                f"epoch {m['epoch']:>4}/{state.config.epochs}  lr {m['lr']:.4g}"
+                f"  b {m['batch_size']}"
+                f"  train loss {f(m['train_loss'], '.4f')} acc {f(m['train_acc'], '.4f')}"
+                f"  test loss {f(m['test_loss'], '.4f')} acc {f(m['test_acc'], '.4f')}"
+                f"  {m['time']:.1f}s",
+                flush=True,
+            )
+
+    try:
+        result = train(config, callbacks=() if args.quiet else (_Print(),), progress=False)
+    except (FileNotFoundError, DatasetError) as e:
+        print(f"labkit train: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        parser.error(str(e))
+    if result.loaded:
+        print(f"{args.out} already holds a finished run; loaded its result (nothing trained).")
+    print(json.dumps({"status": result.status, "epochs": len(result.metrics),
+                      "out": result.out, "final": result.final}, sort_keys=True))
+    return 0 if result.status in ("finished", "diverged") else 3
+
+
+def info(data_root: str | None = None) -> dict[str, Any]:
+    """Versions, the device labkit would pick, and which data sets are present."""
+    import torch
+    import torchvision
+
+    from labkit.data import default_data_root
+    from labkit.train import SMOKE_FOLDER
+
+    root = Path(data_root) if data_root else default_data_root()
+    folders = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+    cuda = torch.cuda.is_available()
+    return {
+        "labkit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "device": "cuda" if cuda else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "data_root": str(root),
+        "datasets": {name: (root / f).is_dir() for name, f in folders.items()},
+        "smoke_datasets": {name: (root / SMOKE_FOLDER / f).is_dir() for name, f in folders.items()},
+    }
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    d = info(args.data_root)
+    width = max(map(len, d))
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{n}: {'present' if ok else 'missing'}" for n, ok in v.items())
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _varying(configs: Sequence[Any]) -> list[str]:
+    """Config fields (and hparams) whose values differ between the points, in field order."""
+    from labkit.experiments.sweep import _FIELDS
+
+    rows = []
+    for cfg in configs:
+        d = {k: v for k, v in cfg.to_dict().items() if k not in ("hparams", "out")}
+        d.update(cfg.hparams)
+        rows.append({k: json.dumps(v, sort_keys=True) for k, v in d.items()})
+    keys: list[str] = [k for k in _FIELDS if k != "hparams"]
+    keys += sorted({k for r in rows for k in r} - set(keys))
+    return [k for k in keys if len({r.get(k) for r in rows}) > 1]
+
+
+def _point_text(cfg: Any, keys: Sequence[str]) -> str:
+    d = {**cfg.to_dict(), **cfg.hparams}
+    return " ".join(f"{k}={d.get(k)!r}" if isinstance(d.get(k), str) else f"{k}={d.get(k)}"
+                    for k in keys)
+
+
+def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from labkit.data import DatasetError
+    from labkit.experiments.sweep import expand_grid, load_spec, plan_sweep, run_sweep
+
+    try:
+        spec = load_spec(args.grid)
+        base = spec.get("base")
+        if base is None:
+            base = spec["base"] = {}
+        if not isinstance(base, dict):
+            expand_grid(spec)  # reports the malformed base with its line
+        for key, value in (("profile", args.profile), ("data_root", args.data_root),
+                           ("device", args.device)):
+            if value is not None:
+                base[key] = value
+        configs = expand_grid(spec)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    keys = _varying(configs)
+
+    if args.dry_run:
+        note = None
+        try:
+            points = plan_sweep(configs, args.out, check_data=True)
+        except (FileNotFoundError, DatasetError) as e:
+            points = plan_sweep(configs, args.out)
+            note = f"batch sizes not checked against the data set: {e}"
+        except ValueError as e:
+            parser.error(str(e))
+        for p in points:
+            print(f"{p.index + 1:>4}  {p.hash}  {p.status:<9} {_point_text(p.config, keys)}")
+        counts: dict[str, int] = {}
+        for p in points:
+            counts[p.status] = counts.get(p.status, 0) + 1
+        todo = sum(p.status not in ("finished", "diverged") for p in points)
+        print(f"{len(points)} points; {todo} to run; "
+              + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        if note:
+            print(f"note: {note}")
+        return 0
+
+    n = len(configs)
+
+    def report(p) -> None:
+        if args.quiet:
+            return
+        final = p.result.final if p.result is not None else {}
+        acc = final.get("test_acc")
+        what = "loaded" if p.loaded else p.status
+        extra = f"  test_acc {acc:.4f}" if isinstance(acc, float) else ""
+        if p.error:
+            extra = f"  {p.error}"
+        print(f"[{p.index + 1}/{n}] {p.hash} {what:<9}{extra}  {_point_text(p.config, keys)}",
+              flush=True)
+
+    try:
+        result = run_sweep(configs, args.out, progress=sys.stderr.isatty() and not args.quiet,
+                           on_run_end=report)
+    except KeyboardInterrupt:
+        print(f"labkit sweep: interrupted; run the same command again to resume ({args.out})",
+              file=sys.stderr)
+        return 130
+    except (FileNotFoundError, DatasetError) as e:
+        print(f"labkit sweep: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        parser.error(str(e))
+    counts = result.counts()
+    print(json.dumps({"out": result.out, "points": len(result.points), "counts": counts,
+                      "stopped": result.stopped}, sort_keys=True))
+    if counts.get("failed"):
+        print(f"labkit sweep: {counts['failed']} point(s) failed; see the error column of "
+              "labkit.experiments.load_results; re-running retries them", file=sys.stderr)
+        return 1
+    return 0 if result.complete else 3
+
+
+def _critical_group(optimizer: str, lr: float, beta: float | None, eps: float,
+                    sfo: dict[int, float]) -> dict[str, Any]:
+    import math
+
+    from labkit.critical import c2_upper_bound, critical_batch_size
+
+    b_star = critical_batch_size(sfo)
+    c2 = c2_upper_bound(optimizer, critical_batch_size=b_star, lr=lr, eps=eps,
+                        beta=None if optimizer == "sgd" else beta)
+    reached = sorted(b for b, v in sfo.items() if math.isfinite(v))
+    note = None
+    if len(reached) == 1:
+        note = (f"only batch size {b_star} reached eps: b* is not located by a minimum; "
+                "measure more batch sizes")
+    elif b_star in (reached[0], reached[-1]):
+        note = (f"b* is at the edge of the batch sizes that reached eps ({reached[0]} to "
+                f"{reached[-1]}): the minimum may lie beyond; measure further batch sizes")
+    return {"optimizer": optimizer, "lr": lr, "beta": None if optimizer == "sgd" else beta,
+            "note": note,
+            "eps": eps,
+            "sfo": {str(b): (v if math.isfinite(v) else None) for b, v in sorted(sfo.items())},
+            "critical_batch_size": b_star, "c2_upper_bound": c2}
+
+
+def _print_critical(g: dict[str, Any]) -> None:
+    import math
+
+    beta = "" if g["beta"] is None else f"  beta {g['beta']:g}"
+    print(f"optimizer {g['optimizer']}  lr {g['lr']:g}{beta}  eps {g['eps']:g}")
+    for b, v in g["sfo"].items():
+        print(f"  b = {b:>6}  SFO {v:.4g}" if v is not None
+              else f"  b = {b:>6}  did not reach eps")
+    b = g["critical_batch_size"]
+    log2 = math.log2(b)
+    power = f" (2^{int(log2)})" if log2 == int(log2) else ""
+    print(f"critical batch size b* = {b}{power}")
+    print(f"C^2 < {g['c2_upper_bound']:.6g}  (Theorem 4.4)")
+    if g["note"]:
+        print(f"note: {g['note']}")
+
+
+def _cmd_critical(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import math
+
+    if not (args.eps > 0 and math.isfinite(args.eps)):
+        parser.error(f"--eps must be a positive finite number; got {args.eps}")
+    if args.beta is not None and not 0 <= args.beta < 1:
+        parser.error(f"--beta must be in [0, 1); got {args.beta}")
+    if args.sfo is not None:
+        if args.optimizer is None or args.lr is None:
+            parser.error("--sfo needs --optimizer and --lr (and --beta for shb and nshb)")
+        if args.optimizer != "sgd" and args.beta is None:
+            parser.error(f"--beta is required for --optimizer {args.optimizer}")
+        sfo: dict[int, float] = {}
+        for b, v in args.sfo:
+            if b in sfo:
+                parser.error(f"--sfo gives batch size {b} twice")
+            sfo[b] = v
+        try:
+            group = _critical_group(args.optimizer, args.lr, args.beta, args.eps, sfo)
+        except ValueError as e:
+            parser.error(str(e))
+        _print_critical(group)
+        print(json.dumps(group, sort_keys=True))
+        return 0
+
+    from labkit.critical import OPTIMIZERS, sfo_table
+    from labkit.experiments.results import load_history, sfo_from_history
+    from labkit.optim import hyperparameters
+
+    if args.min_epochs < 0:
+        parser.error(f"--min-epochs must be >= 0; got {args.min_epochs}")
+    try:
+        table = sfo_from_history(load_history(args.results), args.eps,
+                                 min_epochs=args.min_epochs)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"labkit critical: error: {e}", file=sys.stderr)
+        return 1
+    if table.empty:
+        print(f"labkit critical: error: {args.results} holds no trained epochs", file=sys.stderr)
+        return 1
+    # A run still in progress that has not reached eps yet says nothing about its T.
+    table = table[table["reached"] | table["status"].isin(["finished", "diverged"])]
+    table = table[table["optimizer"].isin(OPTIMIZERS)]
+    if args.optimizer is not None:
+        table = table[table["optimizer"] == args.optimizer]
+    if args.lr is not None:
+        table = table[table["lr"] == args.lr]
+    if args.beta is not None and "beta" in table.columns:
+        table = table[table["beta"] == args.beta]
+    if table.empty:
+        print(f"labkit critical: error: no finished sgd/shb/nshb runs in {args.results} match "
+              "the filters", file=sys.stderr)
+        return 1
+    # (optimizer, lr, beta) -> batch size -> steps T of each run (None: never reached eps).
+    grouped: dict[tuple[str, float, float | None], dict[int, list[int | None]]] = {}
+    for _, r in table.iterrows():
+        opt = r["optimizer"]
+        beta = r.get("beta")
+        if opt == "sgd":
+            beta = None
+        elif beta is None or beta != beta:  # no beta column value: the optimizer's default
+            beta = hyperparameters(opt)["beta"]
+        key = (opt, float(r["lr"]), None if beta is None else float(beta))
+        grouped.setdefault(key, {}).setdefault(int(r["batch_size"]), []).append(
+            int(r["steps"]) if r["reached"] else None
+        )
+    groups = []
+    code = 0
+    for (opt, lr, beta), steps in sorted(grouped.items(),
+                                         key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0.0)):
+        try:
+            group = _critical_group(opt, lr, beta, args.eps, sfo_table(steps))
+        except ValueError as e:
+            print(f"optimizer {opt}  lr {lr:g}: {e}")
+            code = 1
+            continue
+        _print_critical(group)
+        groups.append(group)
+    print(json.dumps({"groups": groups}, sort_keys=True))
+    return code
+
+
+def _cmd_sharpness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from labkit.data import DatasetError
+    from labkit.experiments.results import measure_sharpness
+
+    try:
+        value = measure_sharpness(
+            args.run, rho=args.rho, norm=args.norm, adaptive=args.adaptive,
+            n_batches=args.batches, batch_size=args.batch_size, split=args.split,
+            n_iters=args.n_iters, seed=args.seed, device=args.device,
+            data_root=args.data_root, cache=args.cache,
+        )
+    except (FileNotFoundError, DatasetError) as e:
+        print(f"labkit sharpness: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        parser.error(str(e))
+    kind = "adaptive sharpness" if args.adaptive else "sharpness"
+    print(f"{kind} (rho={args.rho:g}, {args.norm}, {args.batches} {args.split} batches): "
+          f"{value:.6g}")
+    print(json.dumps({"run": args.run, "sharpness": value, "rho": args.rho, "norm": args.norm,
+                      "adaptive": args.adaptive, "batches": args.batches, "split": args.split},
+                     sort_keys=True))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"train": _cmd_train, "sweep": _cmd_sweep, "critical": _cmd_critical,
+                "sharpness": _cmd_sharpness}
+    if args.command in commands:
+        return commands[args.command](args, args.subparser)
+    return _cmd_info(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Experiments: grids of training runs, their results as tables, and the papers' figures.
+
+Book: the labs (chapters 4, 7 and 8). :mod:`~labkit.experiments.sweep` runs a grid of
+:func:`labkit.train.train` runs, resumably; :mod:`~labkit.experiments.results` reads them back
+as ``pandas`` tables (and derives SFO complexity, smoothing degree and sharpness);
+:mod:`~labkit.experiments.plots` draws seed 004 Fig. 4-8 and seed 000 Fig. 1-2.
+
+Example::
+
+    from labkit.experiments import run_sweep, load_results, plot_accuracy_vs_batch_size
+
+    spec = {"base": {"profile": "smoke", "epochs": 2},
+            "grid": {"optimizer": ["sgd", "shb"], "batch_size": [32, 64], "seed": [0, 1]}}
+    run_sweep(spec, "runs/bs-sweep")          # re-running trains nothing new
+    plot_accuracy_vs_batch_size(load_results("runs/bs-sweep"))
+"""
+
+from labkit.experiments.plots import (
+    plot_accuracy_curves,
+    plot_accuracy_vs_batch_size,
+    plot_accuracy_vs_delta,
+    plot_delta_vs_batch_size,
+    plot_sfo_vs_batch_size,
+    plot_sharpness_vs_delta,
+)
+from labkit.experiments.results import (
+    add_delta,
+    load_history,
+    load_results,
+    measure_sharpness,
+    sfo_from_history,
+)
+from labkit.experiments.sweep import (
+    Grid,
+    GridError,
+    PointResult,
+    SweepResult,
+    expand_grid,
+    load_spec,
+    plan_sweep,
+    run_sweep,
+    train_set_size,
+)
+
+__all__ = [
+    "Grid",
+    "GridError",
+    "PointResult",
+    "SweepResult",
+    "add_delta",
+    "expand_grid",
+    "load_history",
+    "load_results",
+    "load_spec",
+    "measure_sharpness",
+    "plan_sweep",
+    "plot_accuracy_curves",
+    "plot_accuracy_vs_batch_size",
+    "plot_accuracy_vs_delta",
+    "plot_delta_vs_batch_size",
+    "plot_sfo_vs_batch_size",
+    "plot_sharpness_vs_delta",
+    "run_sweep",
+    "sfo_from_history",
+    "train_set_size",
+]

@@ -1,0 +1,480 @@
+"""Reading sweeps back as tables, and the quantities the labs derive from them.
+
+Book: chapter 8 (critical batch size and SFO complexity, smoothing degree delta, adaptive
+sharpness) and the labs that plot them (seed 004 Fig. 4-8, seed 000 Fig. 1-2).
+
+- :func:`load_results`: one row per run (config columns + summary metrics), from a sweep's
+  ``index.json`` (safe to call while the sweep runs).
+- :func:`load_history`: one row per (run, epoch), read from each run's ``metrics.jsonl``.
+- :func:`sfo_from_history`: steps T until the running mean of the mini-batch gradient norm is
+  <= eps, and the SFO complexity T b (seed 004 §4.3, Sato & Iiduka 2024, arXiv:2402.02325).
+- :func:`add_delta`: the smoothing degree delta of each run from estimated C^2 (seed 004
+  eqs. (12)-(14)).
+- :func:`measure_sharpness`: adaptive sharpness (Kwon et al. 2021, arXiv:2102.11600) of a
+  finished run's weights, cached in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from labkit.experiments.sweep import (
+    INDEX_FILE,
+    RUNS_FOLDER,
+    _disk_state,
+    _read_jsonl,
+    summarize_metrics,
+)
+from labkit.train import TrainConfig, atomic_write_json
+
+__all__ = [
+    "CONFIG_COLUMNS",
+    "HISTORY_COLUMNS",
+    "RESULT_COLUMNS",
+    "add_delta",
+    "load_history",
+    "load_results",
+    "measure_sharpness",
+    "sfo_from_history",
+]
+
+#: Config columns, in this order; each optimizer hyperparameter gets a column of its own,
+#: placed after ``seed``.
+CONFIG_COLUMNS = (
+    "optimizer", "lr", "batch_size", "seed", "epochs", "weight_decay", "lr_schedule",
+    "batch_schedule", "dataset", "model", "profile", "precision", "augment", "device",
+)
+#: Summary columns of :func:`load_results` (after the config columns).
+RESULT_COLUMNS = (
+    "epochs_completed", "test_acc", "test_loss", "train_acc", "train_loss", "best_test_acc",
+    "best_epoch", "grad_norm", "total_steps", "wall_time", "error", "folder",
+)
+#: Per-epoch columns of :func:`load_history`; ``epoch_lr`` / ``epoch_batch_size`` are the
+#: values the schedules gave that epoch (``lr`` / ``batch_size`` are the run's initial ones).
+HISTORY_COLUMNS = (
+    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_lr",
+    "epoch_batch_size", "steps", "total_steps", "grad_norm", "time", "diverged",
+)
+_NUMERIC = ("test_acc", "test_loss", "train_acc", "train_loss", "best_test_acc", "grad_norm",
+            "wall_time", "time", "epoch_lr")
+# Hyperparameters that are TrainConfig fields or do not change the mathematics.
+_NOT_HPARAM_COLUMNS = ("lr", "weight_decay", "foreach")
+
+
+def _pandas():
+    import pandas as pd
+
+    return pd
+
+
+def _entries(folder: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """(run name, index entry) pairs of a sweep folder, in sweep order.
+
+    A folder without ``index.json`` is scanned (``runs/*/config.json``); a single run folder
+    (``labkit train --out``) reads as a sweep of one.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"results folder {folder} does not exist")
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            points = json.loads(index.read_text())["points"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a labkit sweep index ({e})") from e
+        return sorted(points.items(), key=lambda kv: kv[1].get("order", 0))
+    if (folder / RUNS_FOLDER).is_dir():
+        run_folders = sorted(p for p in (folder / RUNS_FOLDER).iterdir()
+                             if (p / "config.json").exists())
+        base = folder
+    elif (folder / "config.json").exists():
+        run_folders, base = [folder], folder.parent
+    else:
+        raise FileNotFoundError(
+            f"{folder} has no {INDEX_FILE}, no {RUNS_FOLDER}/ and no config.json: it is not a "
+            "sweep folder (labkit sweep --out) nor a run folder (labkit train --out)"
+        )
+    out = []
+    for order, run in enumerate(run_folders):
+        try:
+            cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+            identity = cfg.identity()
+        except (ValueError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{run / 'config.json'} is not a valid labkit run config: {e}") from e
+        status, metrics = _disk_state(run)
+        entry = {"order": order, "config": identity, "status": status, "error": None,
+                 "folder": os.path.relpath(run, base)}
+        entry.update(summarize_metrics(metrics))
+        out.append((run.name, entry))
+    return out
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _config_rows(entries: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[list[dict], list[str]]:
+    """Flattened config of each entry, and the hyperparameter column names."""
+    from labkit import optim as lk_optim
+
+    names: list[str] = []
+    for _, e in entries:
+        for k in e["config"].get("hparams", {}):
+            if k not in names and k not in _NOT_HPARAM_COLUMNS:
+                names.append(k)
+    rows = []
+    for run, e in entries:
+        c = e["config"]
+        row: dict[str, Any] = {"run": run, "status": e.get("status")}
+        for k in CONFIG_COLUMNS:
+            v = c.get(k)
+            row[k] = json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
+        hp = c.get("hparams", {})
+        try:
+            defaults = lk_optim.hyperparameters(c.get("optimizer"))
+        except (TypeError, ValueError):
+            defaults = {}
+        for k in names:
+            col = k if k not in CONFIG_COLUMNS else f"hparams.{k}"
+            if k in hp:
+                row[col] = _hashable(hp[k])
+            elif k in defaults and defaults[k] is not lk_optim.REQUIRED:
+                row[col] = defaults[k]  # what the run used
+            else:
+                row[col] = None  # this optimizer has no such hyperparameter
+        rows.append(row)
+    hparam_cols = [k if k not in CONFIG_COLUMNS else f"hparams.{k}" for k in names]
+    return rows, hparam_cols
+
+
+def _frame(rows: list[dict], columns: Sequence[str]):
+    pd = _pandas()
+    df = pd.DataFrame(rows, columns=list(columns))
+    for col in _NUMERIC:
+        if col in df.columns:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    return df
+
+
+def load_results(folder: str | os.PathLike):
+    """One row per run of a sweep folder, as a ``pandas.DataFrame``.
+
+    Columns: ``run`` (the config hash), ``status``, the config (:data:`CONFIG_COLUMNS`,
+    schedules as JSON strings) with one column per optimizer hyperparameter (``beta``, ``eta``,
+    ...; filled with the optimizer's default where a run did not set it, empty for optimizers
+    that have no such hyperparameter), then :data:`RESULT_COLUMNS`: the last epoch's metrics
+    (accuracies in [0, 1]; NaN where a diverged run produced none), ``best_test_acc`` and its
+    epoch, ``wall_time`` (seconds, summed over epochs), ``error`` (of failed runs) and
+    ``folder`` (relative to ``folder``).
+
+    Reads ``index.json`` (written atomically by :func:`run_sweep`, so this is safe while a
+    sweep runs); a folder without one is scanned, and a single run folder reads as one row.
+
+    Raises:
+        FileNotFoundError: ``folder`` is missing or is neither a sweep nor a run folder.
+        ValueError: a corrupt index or run config.
+    """
+    entries = _entries(folder)
+    cfg_rows, hparam_cols = _config_rows(entries)
+    rows = []
+    for (_, e), row in zip(entries, cfg_rows, strict=True):
+        final = e.get("final") or {}
+        row.update({
+            "epochs_completed": e.get("epochs_completed", 0),
+            "test_acc": final.get("test_acc"),
+            "test_loss": final.get("test_loss"),
+            "train_acc": final.get("train_acc"),
+            "train_loss": final.get("train_loss"),
+            "best_test_acc": e.get("best_test_acc"),
+            "best_epoch": e.get("best_epoch"),
+            "grad_norm": final.get("grad_norm"),
+            "total_steps": final.get("total_steps"),
+            "wall_time": e.get("wall_time"),
+            "error": e.get("error"),
+            "folder": e.get("folder"),
+        })
+        rows.append(row)
+    cols = ["run", "status", *CONFIG_COLUMNS[:4], *hparam_cols, *CONFIG_COLUMNS[4:],
+            *RESULT_COLUMNS]
+    return _frame(rows, cols)
+
+
+def load_history(folder: str | os.PathLike):
+    """One row per (run, finished epoch) of a sweep folder, as a ``pandas.DataFrame``.
+
+    Columns: ``run``, ``status``, the config columns of :func:`load_results` and
+    :data:`HISTORY_COLUMNS`. Read from each run's ``metrics.jsonl``, so a run in progress shows
+    its epochs so far. For curves: ``df.groupby("eta")`` then plot ``test_acc`` vs ``epoch``.
+    """
+    folder = Path(folder)
+    entries = _entries(folder)
+    cfg_rows, hparam_cols = _config_rows(entries)
+    base = folder if (folder / INDEX_FILE).exists() or (folder / RUNS_FOLDER).is_dir() \
+        else folder.parent
+    rows = []
+    for (_, e), cfg_row in zip(entries, cfg_rows, strict=True):
+        for m in _read_jsonl(base / e["folder"] / "metrics.jsonl"):
+            row = dict(cfg_row)
+            row.update({k: m.get(k) for k in HISTORY_COLUMNS})
+            row["epoch_lr"] = m.get("lr")
+            row["epoch_batch_size"] = m.get("batch_size")
+            row["diverged"] = bool(m.get("diverged", False))
+            rows.append(row)
+    cols = ["run", "status", *CONFIG_COLUMNS[:4], *hparam_cols, *CONFIG_COLUMNS[4:],
+            *HISTORY_COLUMNS]
+    return _frame(rows, cols)
+
+
+def sfo_from_history(history, eps: float, *, min_epochs: int = 0):
+    """Steps to the threshold and SFO complexity of every run, from :func:`load_history`.
+
+    The stopping test of seed 004 §4.3: T is the first step t at which the running mean of the
+    mini-batch gradient norms of steps 1..t is <= ``eps``; the SFO complexity is T b (the sum
+    of the batch sizes of those steps when a batch schedule changes b). The runs record the
+    mean gradient norm of each epoch and its number of steps, so the running mean is exact at
+    epoch ends and the test is applied there, from epoch ``min_epochs`` on (the authors' code
+    starts testing after 10 epochs). T is therefore rounded up to an epoch end: an upper bound
+    on the step-exact T, by less than one epoch of steps.
+
+    Returns:
+        A ``pandas.DataFrame`` with one row per run: the run's config columns, ``reached``
+        (bool), ``epoch`` and ``steps`` (T) at which the test passed, ``sfo`` (T b; ``inf``
+        where it never passed: the run ended first or diverged) and ``running_grad_norm`` (at
+        the passing epoch, else at the last epoch).
+
+    Raises:
+        ValueError: ``eps`` is not a positive finite number, ``min_epochs`` is negative, the
+            table lacks the columns of :func:`load_history`, or a run did not record gradient
+            norms (``track_grad_norm=False``).
+    """
+    pd = _pandas()
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+        math.isfinite(eps) and eps > 0
+    ):
+        raise ValueError(f"eps must be a positive finite number (a gradient norm); got {eps!r}")
+    if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 0:
+        raise ValueError(f"min_epochs must be an integer >= 0; got {min_epochs!r}")
+    needed = {"run", "epoch", "grad_norm", "steps", "epoch_batch_size"}
+    missing = sorted(needed - set(history.columns))
+    if missing:
+        raise ValueError(
+            f"history lacks the column(s) {', '.join(missing)}; pass labkit.experiments."
+            "load_history(folder)"
+        )
+    per_epoch = set(HISTORY_COLUMNS)
+    rows = []
+    for run, g in history.groupby("run", sort=False):
+        g = g.sort_values("epoch")
+        row = {k: v for k, v in g.iloc[0].items() if k not in per_epoch}
+        norm_sum = steps = sfo = 0.0
+        hit = None
+        running = math.nan
+        for _, m in g.iterrows():
+            gn = m["grad_norm"]
+            if gn is None or not math.isfinite(float(gn)):
+                if not bool(m.get("diverged", False)):
+                    raise ValueError(
+                        f"run {run} has no gradient norm at epoch {m['epoch']}: it was trained "
+                        "with track_grad_norm=False; re-run it with gradient norms recorded"
+                    )
+                break  # a diverged epoch: the threshold is never reached
+            n = float(m["steps"])
+            norm_sum += float(gn) * n
+            steps += n
+            sfo += n * float(m["epoch_batch_size"])
+            running = norm_sum / steps
+            if m["epoch"] >= min_epochs and running <= eps:
+                hit = m
+                break
+        row.update({
+            "reached": hit is not None,
+            "epoch": int(hit["epoch"]) if hit is not None else None,
+            "steps": int(steps) if hit is not None else None,
+            "sfo": sfo if hit is not None else math.inf,
+            "running_grad_norm": running,
+        })
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if not rows:
+        df = pd.DataFrame(columns=["run", "reached", "epoch", "steps", "sfo",
+                                   "running_grad_norm"])
+    return df
+
+
+def _per_optimizer(value: Any, optimizer: str) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(optimizer)
+    return value
+
+
+def add_delta(results, c2: Mapping[str, float], k2: Mapping[str, float] | float | None = None):
+    """A copy of ``results`` with a ``delta`` column: the smoothing degree of each run.
+
+    delta is seed 004's eq. (12) (SGD), (13) (SHB, needs K^2) or (14) (NSHB), from each row's
+    ``lr``, ``batch_size`` and ``beta`` (the optimizer's default when the table has no ``beta``
+    value for the row) and the estimated stochastic-gradient variance.
+
+    Args:
+        results: a table with ``optimizer``, ``lr``, ``batch_size`` (e.g. :func:`load_results`).
+        c2: optimizer ("sgd", "shb", "nshb") -> C^2 estimate, e.g. the upper bounds of
+            :func:`labkit.critical.c2_upper_bound`. Rows of other optimizers get NaN.
+        k2: K^2 (bound on E||grad f||^2) for SHB: a number or a mapping optimizer -> K^2.
+
+    Raises:
+        ValueError: ``c2`` names an optimizer without a delta formula, or SHB is asked for
+            without ``k2``.
+    """
+    from labkit import noise
+    from labkit import optim as lk_optim
+
+    bad = [k for k in c2 if k not in noise.OPTIMIZERS]
+    if bad:
+        raise ValueError(
+            f"c2 has no delta formula for optimizer {bad[0]!r}; valid: "
+            f"{', '.join(noise.OPTIMIZERS)}"
+        )
+    if "shb" in c2 and _per_optimizer(k2, "shb") is None:
+        raise ValueError(
+            "k2 (the bound K^2 on E||grad f||^2) is required for SHB's delta (seed 004 eq. (13));"
+            " the authors' code uses K = 1.77 for ResNet-18, i.e. k2=1.77**2"
+        )
+    missing = sorted({"optimizer", "lr", "batch_size"} - set(results.columns))
+    if missing:
+        raise ValueError(f"results lacks the column(s) {', '.join(missing)}")
+    out = results.copy()
+    deltas = []
+    for _, row in out.iterrows():
+        opt = row["optimizer"]
+        if opt not in c2:
+            deltas.append(math.nan)
+            continue
+        beta = row.get("beta") if "beta" in out.columns else None
+        if beta is None or (isinstance(beta, float) and math.isnan(beta)):
+            beta = lk_optim.hyperparameters(opt).get("beta")
+        deltas.append(float(noise.smoothing_degree(
+            opt, lr=float(row["lr"]), batch_size=float(row["batch_size"]), c2=float(c2[opt]),
+            beta=beta, k2=_per_optimizer(k2, opt),
+        )))
+    out["delta"] = deltas
+    return out
+
+
+SHARPNESS_FILE = "sharpness.json"
+SPLITS = ("train", "test")
+
+
+def measure_sharpness(
+    run: str | os.PathLike,
+    *,
+    rho: float = 0.0002,
+    norm: str = "linf",
+    adaptive: bool = True,
+    n_batches: int = 4,
+    batch_size: int | None = None,
+    split: str = "train",
+    n_iters: int = 20,
+    seed: int = 0,
+    device: str = "auto",
+    data_root: str | None = None,
+    cache: bool = True,
+) -> float:
+    """Adaptive sharpness of a run's last checkpoint (seed 004 §5.3; loss units).
+
+    Rebuilds the model from the run's ``config.json`` and ``checkpoint.pt``, draws
+    ``n_batches`` batches of ``batch_size`` (default: the run's batch size) images from
+    ``split`` with a fixed permutation (``seed``), normalizes them like training did, and calls
+    :func:`labkit.sharpness.adaptive_sharpness` with the mean cross-entropy. The default split
+    is ``train``: the seed defines the sharpness as an expectation over the training set S.
+
+    The value is stored in ``<run>/sharpness.json`` under its settings and the number of
+    epochs the checkpoint holds; ``cache=True`` returns a stored value for the same settings
+    instead of measuring again.
+
+    Raises:
+        FileNotFoundError: the folder has no ``config.json`` or ``checkpoint.pt``.
+        ValueError: bad settings, a diverged run, or more images asked for than the split holds.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from labkit import data as lk_data
+    from labkit import models as lk_models
+    from labkit.sharpness import adaptive_sharpness
+    from labkit.train import prepare_data, resolve_device
+
+    folder = Path(run)
+    for name in ("config.json", "checkpoint.pt"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(
+                f"{folder / name} does not exist: {folder} is not a run folder with a trained "
+                "model (labkit train --out / a sweep's runs/<hash>)"
+            )
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    for name, value in (("n_batches", n_batches), ("n_iters", n_iters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}")
+    cfg = TrainConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    if data_root is not None:
+        cfg.data_root = str(data_root)
+    cfg = cfg.resolved()
+    status, metrics = _disk_state(folder)
+    if status == "diverged":
+        raise ValueError(
+            f"the run in {folder} diverged (non-finite loss): its weights have no sharpness"
+        )
+    bs = batch_size or cfg.batch_size
+    settings = {"rho": float(rho), "norm": norm, "adaptive": bool(adaptive),
+                "n_batches": n_batches, "batch_size": bs, "split": split, "n_iters": n_iters,
+                "seed": seed, "epochs": len(metrics)}
+    store = folder / SHARPNESS_FILE
+    records: list[dict[str, Any]] = []
+    if store.exists():
+        try:
+            records = list(json.loads(store.read_text()).get("records", []))
+        except (json.JSONDecodeError, AttributeError):
+            records = []
+    if cache:
+        for r in records:
+            if r.get("settings") == settings:
+                return float(r["sharpness"])
+
+    dev = resolve_device(device)
+    data = prepare_data(cfg, dev)
+    x = data.train_x if split == "train" else data.test_x
+    y = data.train_y if split == "train" else data.test_y
+    n = int(y.shape[0])
+    if n_batches * bs > n:
+        raise ValueError(
+            f"n_batches * batch_size = {n_batches} * {bs} = {n_batches * bs} exceeds the {n} "
+            f"images of the {split} split; lower n_batches or batch_size"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=gen)[: n_batches * bs].to(x.device)
+    xs = lk_data.normalize(x[idx], data.mean, data.std)
+    ys = y[idx]
+    batches = [(xs[i * bs:(i + 1) * bs], ys[i * bs:(i + 1) * bs]) for i in range(n_batches)]
+
+    model = lk_models.build_model(cfg.model, data.num_classes)
+    ckpt = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    model.to(dev)
+    value = float(adaptive_sharpness(model, lambda out, t: F.cross_entropy(out, t), batches,
+                                     rho, norm=norm, adaptive=adaptive, n_iters=n_iters))
+    records = [r for r in records if r.get("settings") != settings]
+    records.append({"settings": settings, "sharpness": value})
+    atomic_write_json(store, {"records": records})
+    return value

@@ -1,0 +1,747 @@
+"""One training run: the fast CIFAR loop, its run folder, checkpoints and callbacks.
+
+Every lab experiment is a set of calls to :func:`train`. The loop follows airbench
+(Keller Jordan, 2024) in spirit: the whole data set lives on the device as one tensor,
+augmentation runs on the device on whole batches, and the per-step metrics are accumulated
+in device tensors that are read once per epoch, so a step never waits for the host. None of
+this changes the mathematics of the optimizer: a step is ``loss.backward(); optimizer.step()``
+on the mean mini-batch loss, exactly as in the papers the book follows (chapter 3, eq. (3.1)).
+
+A run folder holds
+
+- ``config.json``: the :class:`TrainConfig` that defines the run;
+- ``metrics.jsonl``: one JSON object per finished epoch;
+- ``checkpoint.pt``: model, optimizer, schedule position and every RNG state, written
+  atomically after each epoch;
+- ``result.json``: written once, when the run has ``finished`` or ``diverged``.
+
+Calling :func:`train` again on the same folder resumes after the last finished epoch (on the
+CPU the numbers are bit-for-bit those of an uninterrupted run) or, when ``result.json``
+exists, returns the stored result without training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labkit import data as lk_data
+from labkit import models as lk_models
+from labkit import optim as lk_optim
+from labkit import schedules as lk_schedules
+
+PROFILES = ("smoke", "short", "paper")
+PRECISIONS = ("auto", "fp32", "bf16")
+DATASETS = ("cifar10", "cifar100")
+
+#: Defaults a profile fills in for the fields left as ``None`` in a :class:`TrainConfig`.
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # CPU-friendly: generated CIFAR-format data, the tiny CNN, a few hundred images.
+    "smoke": {"model": "tiny", "epochs": 4, "batch_size": 64},
+    # One GPU, minutes: the paper's model on the real data, few epochs.
+    "short": {"model": None, "epochs": 15, "batch_size": 128},
+    # The seeds' full scale.
+    "paper": {"model": None, "epochs": 200, "batch_size": 128},
+}
+#: The model each paper trains on each data set (seed 000: ResNet-44 on CIFAR-10;
+#: seeds 001 and 004: ResNet-18 on CIFAR-100).
+PAPER_MODEL = {"cifar10": "resnet44", "cifar100": "resnet18"}
+#: Size of the generated data set of the smoke profile.
+SMOKE_SIZES = {"n_train": 512, "n_test": 256}
+SMOKE_FOLDER = "labkit-smoke"
+
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "result.json")
+# Fields that name where things are, not what is computed: they do not change a run's identity.
+_NON_IDENTITY_FIELDS = ("out", "data_root", "download")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one training run.
+
+    Fields left as ``None`` are filled in from the profile (:data:`PROFILE_DEFAULTS`).
+
+    Attributes:
+        dataset: ``"cifar10"`` or ``"cifar100"``.
+        model: a name from :data:`labkit.models.MODEL_NAMES`; ``None`` picks the profile's
+            (``tiny`` for ``smoke``, the paper's model otherwise).
+        optimizer: a name from :data:`labkit.optim.OPTIMIZER_NAMES`.
+        lr: initial learning rate (the ``eta`` of the book; chapter 3).
+        batch_size: initial batch size ``b`` (examples per step).
+        epochs: number of passes over the training set.
+        hparams: further optimizer hyperparameters, e.g. ``{"beta": 0.9}`` or ``{"eta": 3}``.
+        weight_decay: coupled L2 weight decay added to the gradient (torch's convention).
+        lr_schedule: a :mod:`labkit.schedules` learning-rate spec, e.g.
+            ``{"kind": "step", "every": 40, "factor": 0.7071}``; ``None`` is constant.
+        batch_schedule: a :mod:`labkit.schedules` batch-size spec; ``None`` is constant.
+        seed: seeds the model's initialization, the shuffling and the augmentation.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        precision: ``"auto"`` (bf16 autocast on CUDA with fp32 weights, fp32 on the CPU),
+            ``"fp32"`` or ``"bf16"``.
+        channels_last: use the channels-last memory format; ``None`` means on CUDA only.
+        compile: wrap the model in ``torch.compile``.
+        augment: random crop (4-pixel padding) and horizontal flip of training images.
+        track_grad_norm: record the mean mini-batch gradient norm of each epoch.
+        data_root: folder holding ``cifar-10-batches-py`` / ``cifar-100-python``; ``None``
+            means ``$LABKIT_DATA`` or ``~/.cache/labkit/data``.
+        download: fetch CIFAR with torchvision's verified download when it is missing.
+        out: the run folder; ``None`` keeps everything in memory.
+        profile: ``"smoke"``, ``"short"`` or ``"paper"``.
+    """
+
+    dataset: str = "cifar10"
+    model: str | None = None
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    batch_size: int | None = None
+    epochs: int | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    weight_decay: float = 0.0
+    lr_schedule: dict[str, Any] | None = None
+    batch_schedule: dict[str, Any] | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    augment: bool = True
+    track_grad_norm: bool = True
+    data_root: str | None = None
+    download: bool = False
+    out: str | None = None
+    profile: str = "short"
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the profile's defaults filled in and every field checked.
+
+        Raises:
+            ValueError: a field has a value outside its valid range (the message names the
+                field, the value and what would be valid).
+        """
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {self.profile!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
+        defaults = PROFILE_DEFAULTS[self.profile]
+        cfg = dataclasses.replace(self, hparams=dict(self.hparams))
+        if cfg.model is None:
+            cfg.model = defaults["model"] or PAPER_MODEL[cfg.dataset]
+        if cfg.epochs is None:
+            cfg.epochs = defaults["epochs"]
+        if cfg.batch_size is None:
+            cfg.batch_size = defaults["batch_size"]
+        if cfg.model not in lk_models.MODEL_NAMES:
+            raise ValueError(
+                f"model must be one of {', '.join(lk_models.MODEL_NAMES)}; got {cfg.model!r}"
+            )
+        if cfg.optimizer not in lk_optim.OPTIMIZER_NAMES:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(lk_optim.OPTIMIZER_NAMES)}; "
+                f"got {cfg.optimizer!r}"
+            )
+        _check_number("lr", cfg.lr, "a positive finite number", lambda v: v > 0)
+        _check_int("batch_size", cfg.batch_size, 1)
+        _check_int("epochs", cfg.epochs, 1)
+        _check_int("seed", cfg.seed, 0)
+        _check_number("weight_decay", cfg.weight_decay, "a finite number >= 0", lambda v: v >= 0)
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}"
+            )
+        resolve_device(cfg.device)  # raises on a malformed or unavailable device
+        cfg.lr_schedule = lk_schedules.validate_lr_schedule(cfg.lr_schedule)
+        cfg.batch_schedule = lk_schedules.validate_batch_schedule(cfg.batch_schedule)
+        # Build the optimizer on a dummy parameter so that bad hyperparameters fail here,
+        # before any data is loaded.
+        make_optimizer(cfg, [nn.Parameter(torch.zeros(1))])
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown TrainConfig field(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(names))}"
+            )
+        return cls(**d)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the numbers a run produces (not where files are)."""
+        d = self.resolved().to_dict()
+        for k in _NON_IDENTITY_FIELDS:
+            d.pop(k)
+        return d
+
+
+def config_hash(config: TrainConfig, length: int = 12) -> str:
+    """A short stable hash of the config's identity (used to name sweep folders)."""
+    blob = json.dumps(config.identity(), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def _check_number(name: str, value: Any, valid: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {valid}; got {value!r}")
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {valid}; got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else the CPU; anything else is checked."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use 'auto'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {device!r}")
+    return dev
+
+
+def make_optimizer(config: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer a config asks for, built with :func:`labkit.optim.build`."""
+    hp = dict(config.hparams)
+    if config.weight_decay:
+        hp["weight_decay"] = config.weight_decay
+    return lk_optim.build(config.optimizer, params, lr=config.lr, **hp)
+
+
+@dataclass
+class RunResult:
+    """What a run produced.
+
+    Attributes:
+        status: ``"finished"``, ``"diverged"`` (a NaN/inf loss) or ``"stopped"`` (a callback
+            asked to stop; the folder is resumable).
+        config: the resolved config, as a dict.
+        metrics: one dict per finished epoch (see :func:`train` for the keys).
+        out: the run folder, if any.
+        resumed_from: the number of epochs that were loaded from a checkpoint.
+        loaded: True when the run was already finished and nothing was trained.
+    """
+
+    status: str
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    out: str | None = None
+    resumed_from: int = 0
+    loaded: bool = False
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The metrics of the last finished epoch (empty if none finished)."""
+        return dict(self.metrics[-1]) if self.metrics else {}
+
+    @property
+    def diverged(self) -> bool:
+        return self.status == "diverged"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "epochs_completed": len(self.metrics),
+            "final": self.final,
+            "config": self.config,
+        }
+
+
+def load_run(folder: str | os.PathLike) -> RunResult:
+    """Read a finished (or diverged) run folder without training.
+
+    Raises:
+        FileNotFoundError: the folder has no ``result.json`` (it never finished).
+    """
+    folder = Path(folder)
+    res = folder / "result.json"
+    if not res.exists():
+        raise FileNotFoundError(
+            f"{res} does not exist: the run in {folder} has not finished "
+            "(call labkit.train on its config to start or resume it)"
+        )
+    stored = json.loads(res.read_text())
+    return RunResult(
+        status=stored["status"],
+        config=stored["config"],
+        metrics=_read_metrics(folder / "metrics.jsonl"),
+        out=str(folder),
+        loaded=True,
+    )
+
+
+class Callback:
+    """Hooks into a run. Subclass and override what you need.
+
+    ``step_interval``: call :meth:`on_step` every that many optimizer steps (``0``: never).
+    Set ``state.stop = True`` from any hook to end the run after the current step; the run
+    folder stays resumable (status ``"stopped"``).
+    """
+
+    step_interval: int = 0
+
+    def on_run_start(self, state: RunState) -> None:
+        """Called once before the first epoch that will be trained."""
+
+    def on_step(self, state: RunState) -> None:
+        """Called after ``optimizer.step()``; ``state.loss`` and ``state.grad_norm`` are
+        device tensors (reading them is a host sync, so keep the interval large)."""
+
+    def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
+        """Called after each finished epoch with that epoch's metrics."""
+
+    def on_run_end(self, state: RunState, result: RunResult) -> None:
+        """Called once at the end, whatever the status."""
+
+
+@dataclass
+class RunState:
+    """The live state of a run, handed to callbacks."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    n_train: int
+    epoch: int = 0
+    step: int = 0
+    lr: float = 0.0
+    batch_size: int = 0
+    steps_per_epoch: int = 0
+    loss: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    stop: bool = False
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never a torn one."""
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _atomic_torch_save(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash; the checkpoint is authoritative
+    return rows
+
+
+def _write_metrics(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    _atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+
+
+def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def prepare_data(config: TrainConfig, device: torch.device) -> lk_data.CifarData:
+    """Load the config's data set onto the device (generating it for the smoke profile)."""
+    root = Path(config.data_root) if config.data_root else lk_data.default_data_root()
+    if config.profile == "smoke":
+        root = root / SMOKE_FOLDER
+        name = "cifar-10-batches-py" if config.dataset == "cifar10" else "cifar-100-python"
+        folder = root / name
+        if not folder.exists():
+            lk_data.make_fake_cifar(root, name=config.dataset, seed=0, **SMOKE_SIZES)
+    return lk_data.load_cifar(config.dataset, root=root, device=device, download=config.download)
+
+
+def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "data_generator": gen.get_state(),
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator, device: torch.device) -> None:
+    gen.set_state(state["data_generator"])
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(
+        ("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0)
+    )
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: dict[str, Any],
+    batch_size: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and number correct over (x, y), as device tensors (no host sync)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    with torch.no_grad(), torch.autocast(**autocast):
+        for i in range(0, x.shape[0], batch_size):
+            out = model(x[i : i + batch_size]).float()
+            yb = y[i : i + batch_size]
+            loss_sum += F.cross_entropy(out, yb, reduction="sum").double()
+            correct += (out.argmax(1) == yb).sum()
+    return loss_sum, correct
+
+
+def train(
+    config: TrainConfig,
+    callbacks: Sequence[Callback] = (),
+    *,
+    progress: bool = True,
+    data: lk_data.CifarData | None = None,
+) -> RunResult:
+    """Train one run, resuming or loading it when its folder already holds it.
+
+    Args:
+        config: the run (see :class:`TrainConfig`).
+        callbacks: objects with :class:`Callback`'s hooks (live plots, early stopping, ...).
+        progress: show a ``tqdm.auto`` bar (a widget in notebooks, text in a terminal).
+        data: a data set already on the device (sweeps load it once for many runs).
+
+    Returns:
+        A :class:`RunResult`. Its ``metrics`` rows have the keys ``epoch`` (1-based),
+        ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` (accuracies in [0, 1]),
+        ``lr``, ``batch_size``, ``steps`` (optimizer steps in the epoch), ``total_steps``,
+        ``grad_norm`` (mean mini-batch gradient norm of the epoch, or None) and ``time``
+        (wall seconds of the epoch, evaluation included).
+
+    Raises:
+        ValueError: invalid config, or a folder that holds a different run.
+        FileNotFoundError / labkit.data.DatasetError: the data set is missing or corrupt.
+    """
+    cfg = config.resolved()
+    out = Path(cfg.out) if cfg.out else None
+    if out is not None:
+        stored = _check_folder(out, cfg)
+        if stored is not None:
+            return stored
+
+    device = resolve_device(cfg.device)
+    if data is None:
+        data = prepare_data(cfg, device)
+    else:
+        data = data.to(device)
+    n_train = int(data.train_x.shape[0])
+    max_b = max(
+        lk_schedules.batch_size_at(cfg.batch_schedule, cfg.batch_size, e, cfg.epochs)
+        for e in range(cfg.epochs)
+    )
+    if max_b > n_train:
+        raise ValueError(
+            f"batch_size {max_b} (the largest of the run's batch-size schedule) exceeds the "
+            f"{n_train} training images of {cfg.dataset}; use a batch size <= {n_train}"
+        )
+
+    use_cuda = device.type == "cuda"
+    channels_last = use_cuda if cfg.channels_last is None else cfg.channels_last
+    amp_dtype = {"auto": torch.bfloat16 if use_cuda else None, "fp32": None}.get(
+        cfg.precision, torch.bfloat16
+    )
+    autocast = {
+        "device_type": device.type,
+        "dtype": amp_dtype or torch.bfloat16,  # ignored when disabled
+        "enabled": amp_dtype is not None,
+    }
+
+    torch.manual_seed(cfg.seed)
+    model = lk_models.build_model(cfg.model, data.num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model.parameters())
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    forward = torch.compile(model) if cfg.compile else model
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    # Training images stay uint8 on the device. At the start of each epoch the whole set is
+    # cropped and flipped (independently per image; black padding, the papers' recipe) and
+    # normalized in a handful of kernels, airbench-style, so a step only gathers its batch.
+    in_dtype = torch.bfloat16 if amp_dtype is torch.bfloat16 and use_cuda else torch.float32
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    train_y, test_y = data.train_y, data.test_y
+    test_x = lk_data.normalize(data.test_x, data.mean, data.std, dtype=in_dtype)
+    test_x = test_x.contiguous(memory_format=memory_format)
+
+    def epoch_inputs() -> torch.Tensor:
+        x = lk_data.augment(data.train_x, gen) if cfg.augment else data.train_x
+        x = lk_data.normalize(x, data.mean, data.std, dtype=in_dtype)
+        return x.contiguous(memory_format=memory_format)
+
+    state = RunState(cfg, model, optimizer, device, n_train)
+    metrics: list[dict[str, Any]] = []
+    resumed_from = 0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_path = out / "checkpoint.pt"
+        if ckpt_path.exists():
+            ckpt = _load_checkpoint(ckpt_path)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            _set_rng_state(ckpt["rng"], gen, device)
+            metrics = list(ckpt["metrics"])
+            state.step = int(ckpt["total_steps"])
+            resumed_from = len(metrics)
+        else:
+            atomic_write_json(out / "config.json", cfg.to_dict())
+        _write_metrics(out / "metrics.jsonl", metrics)
+    state.metrics = metrics
+    state.epoch = len(metrics)
+
+    for cb in callbacks:
+        cb.on_run_start(state)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=cfg.epochs,
+            initial=len(metrics),
+            desc=f"{cfg.optimizer} lr={cfg.lr:g}",
+            unit="epoch",
+            leave=False,
+        )
+
+    status = "finished"
+    step_cbs = [cb for cb in callbacks if cb.step_interval > 0]
+    # cuDNN picks the fastest convolution algorithm per shape (restored afterwards).
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = use_cuda or cudnn_benchmark
+    try:
+        for epoch in range(len(metrics), cfg.epochs):
+            t0 = time.perf_counter()
+            state.epoch = epoch
+            lr_mult = lk_schedules.lr_at(cfg.lr_schedule, 1.0, epoch, cfg.epochs)
+            b = lk_schedules.batch_size_at(cfg.batch_schedule, cfg.batch_size, epoch, cfg.epochs)
+            for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                g["lr"] = base * lr_mult
+            state.lr, state.batch_size = cfg.lr * lr_mult, b
+            state.steps_per_epoch = math.ceil(n_train / b)
+
+            model.train()
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            gnorm_sum = torch.zeros((), device=device, dtype=torch.float64)
+            steps = 0
+            train_x = epoch_inputs()
+            for idx in lk_data.iterate_batches(n_train, b, gen):
+                xb, yb = train_x[idx], train_y[idx]
+                if channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(**autocast):
+                    out_b = forward(xb)
+                    loss = F.cross_entropy(out_b.float(), yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.track_grad_norm:
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    state.grad_norm = torch.linalg.vector_norm(
+                        torch.stack(torch._foreach_norm(grads))
+                    )
+                    gnorm_sum += state.grad_norm.double()
+                optimizer.step()
+                loss_sum += loss.detach().double() * yb.shape[0]
+                correct += (out_b.detach().argmax(1) == yb).sum()
+                steps += 1
+                state.step += 1
+                state.loss = loss.detach()
+                for cb in step_cbs:
+                    if state.step % cb.step_interval == 0:
+                        cb.on_step(state)
+                if state.stop:
+                    break
+            if state.stop and steps < state.steps_per_epoch:
+                status = "stopped"
+                break
+
+            test_loss, test_correct = _evaluate(model, test_x, test_y, autocast)
+            # The one host sync of the epoch.
+            tl, tc, vl, vc, gn = torch.stack(
+                [loss_sum, correct.double(), test_loss, test_correct.double(), gnorm_sum]
+            ).tolist()
+            n_test = int(test_y.shape[0])
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": tl / n_train,
+                "train_acc": tc / n_train,
+                "test_loss": vl / n_test,
+                "test_acc": vc / n_test,
+                "lr": state.lr,
+                "batch_size": b,
+                "steps": steps,
+                "total_steps": state.step,
+                "grad_norm": gn / steps if cfg.track_grad_norm else None,
+                "time": time.perf_counter() - t0,
+            }
+            diverged = not math.isfinite(row["train_loss"])
+            if diverged:
+                # JSON has no NaN; record what happened explicitly.
+                row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                       for k, v in row.items()}
+                row["diverged"] = True
+            metrics.append(row)
+            if out is not None:
+                _atomic_torch_save(
+                    out / "checkpoint.pt",
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "rng": _rng_state(gen, device),
+                        "metrics": metrics,
+                        "total_steps": state.step,
+                        "lr_schedule": cfg.lr_schedule,
+                        "batch_schedule": cfg.batch_schedule,
+                        "next_epoch": epoch + 1,
+                        "lr": state.lr,
+                        "batch_size": b,
+                    },
+                )
+                _append_metrics(out / "metrics.jsonl", row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['train_loss']:.3g}" if not diverged else "nan",
+                                test_acc=f"{(row['test_acc'] or 0):.3f}")
+            for cb in callbacks:
+                cb.on_epoch_end(state, row)
+            if diverged:
+                status = "diverged"
+                break
+            if state.stop and epoch + 1 < cfg.epochs:
+                status = "stopped"
+                break
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        if bar is not None:
+            bar.close()
+
+    result = RunResult(
+        status=status,
+        config=cfg.to_dict(),
+        metrics=metrics,
+        out=str(out) if out else None,
+        resumed_from=resumed_from,
+    )
+    if out is not None and status in ("finished", "diverged"):
+        atomic_write_json(out / "result.json", result.to_dict())
+    for cb in callbacks:
+        cb.on_run_end(state, result)
+    return result
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file must not be a bare unpickling traceback
+        raise ValueError(
+            f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); "
+            "delete it to restart the run from scratch"
+        ) from e
+
+
+def _check_folder(out: Path, cfg: TrainConfig) -> RunResult | None:
+    """Return the stored result of a finished run; refuse a folder of a different run."""
+    cfg_path = out / "config.json"
+    if not cfg_path.exists():
+        if out.exists() and (out / "checkpoint.pt").exists():
+            raise ValueError(
+                f"{out} has a checkpoint.pt but no config.json; it is not a labkit run folder"
+            )
+        return None
+    try:
+        stored_cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+        stored_identity = stored_cfg.identity()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is not a valid labkit run config: {e}") from e
+    identity = cfg.identity()
+    if stored_identity != identity:
+        diff = sorted(k for k in identity if identity[k] != stored_identity.get(k))
+        raise ValueError(
+            f"{out} holds a different run (fields that differ: {', '.join(diff)}); "
+            "choose another --out folder or delete this one"
+        )
+    if (out / "result.json").exists():
+        return load_run(out)
+    return None

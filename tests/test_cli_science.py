@@ -1,0 +1,265 @@
+"""The science subcommands: `labkit sweep`, `labkit critical`, `labkit sharpness`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from labkit.cli import main
+from labkit.train import SMOKE_SIZES, TrainConfig, config_hash
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+GRID = """\
+base:
+  profile: smoke
+  epochs: 1
+  batch_size: 256
+  optimizer: shb
+grid:
+  lr: [0.05, 1e-1]
+  beta: [0.9]
+"""
+
+
+def test_sweep_dry_run_then_run_then_reload(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    out, data = tmp_path / "sweep", tmp_path / "data"
+    argv = ["sweep", grid, "--out", out, "--data-root", data, "--device", "cpu"]
+
+    code, text, _ = run(capsys, *argv, "--dry-run")
+    assert code == 0
+    lines = text.strip().splitlines()
+    assert len(lines) == 3 and "2 points; 2 to run; 2 pending" in lines[-1]
+    assert "lr=0.05" in lines[0] and "lr=0.1" in lines[1] and "pending" in lines[0]
+    assert not (out / "runs").exists()  # a dry run trains nothing
+
+    code, text, _ = run(capsys, *argv)
+    assert code == 0
+    summary = last_json(text)
+    assert summary["counts"] == {"finished": 2} and summary["points"] == 2
+    assert "[1/2]" in text and "[2/2]" in text and "test_acc" in text
+    index = json.loads((out / "index.json").read_text())
+    assert {e["status"] for e in index["points"].values()} == {"finished"}
+
+    code, text, _ = run(capsys, *argv, "--dry-run")
+    assert code == 0 and "2 points; 0 to run; 2 finished" in text
+
+    code, text, _ = run(capsys, *argv)
+    assert code == 0 and text.count("loaded") == 2  # nothing trained again
+
+    # `labkit sharpness` on one of these finished smoke runs.
+    cfg = TrainConfig(profile="smoke", epochs=1, batch_size=256, optimizer="shb", lr=0.05,
+                      hparams={"beta": 0.9}, device="cpu")
+    run_dir = out / "runs" / config_hash(cfg)
+    assert (run_dir / "checkpoint.pt").exists()
+    sharp = ["sharpness", run_dir, "--batches", "1", "--batch-size", "16", "--n-iters", "3",
+             "--device", "cpu"]
+    code, text, _ = run(capsys, *sharp)
+    assert code == 0
+    assert text.startswith("adaptive sharpness (rho=0.0002, linf, 1 train batches): ")
+    value = last_json(text)["sharpness"]
+    assert value >= 0
+    code, text, _ = run(capsys, *sharp, "--rho", "0.01", "--norm", "l2", "--split", "test")
+    assert code == 0 and last_json(text)["norm"] == "l2"
+    code, _, err = run(capsys, "sharpness", tmp_path, "--device", "cpu")
+    assert code == 1 and "config.json does not exist" in err
+    with pytest.raises(SystemExit) as e:
+        main(["sharpness", str(run_dir), "--batches", "100", "--batch-size", "256"])
+    assert e.value.code == 2
+    assert "exceeds the 512 images of the train split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,match", [
+    ("base:\n  profile: smoke\ngrid:\n  lr: [0.1, 0.2\n",
+     "grid.yaml:5:1: YAML syntax error: expected ',' or ']', but got '<stream end>' (while "
+     "parsing a flow sequence at line 4, column 7)"),
+    ("base:\n  profile: smoke\ngrid:\n  lr: [0.1]\n  momentum: [0.9]\n",
+     "grid.yaml:5: unknown grid key 'momentum'"),
+    ("base:\n  profile: smoke\n  lr: -1\ngrid:\n  seed: [0]\n",
+     "grid.yaml:3: grid point 1 of 1 (seed=0): lr must be a positive"),
+    ("base:\n  profile: smoke\ngrid:\n  lr: []\n", "grid.yaml:4: grid.lr is an empty list"),
+    ("base:\n  profile: smoke\ngrid: {}\n", "the grid is empty"),
+    (f"base:\n  profile: smoke\ngrid:\n  batch_size: [64, {SMOKE_SIZES['n_train'] * 2}]\n",
+     f"exceeds the {SMOKE_SIZES['n_train']} training images"),
+])
+@pytest.mark.parametrize("dry", [True, False])
+def test_sweep_bad_grid_is_an_error_before_anything_runs(tmp_path, capsys, text, match, dry):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(text)
+    argv = ["sweep", str(grid), "--out", str(tmp_path / "out"), "--data-root",
+            str(tmp_path / "data"), "--device", "cpu"] + (["--dry-run"] if dry else [])
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_missing_grid_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "nope.yaml does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(tmp_path / "nope.yaml")])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_sweep_profile_flag_overrides_base(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base:\n  profile: paper\ngrid:\n  lr: [0.1]\n")
+    code, text, _ = run(capsys, "sweep", grid, "--out", tmp_path / "o", "--profile", "smoke",
+                        "--data-root", tmp_path / "d", "--dry-run")
+    assert code == 0 and "1 points; 1 to run; 1 pending" in text
+
+
+# --------------------------------------------------------------------------- critical
+
+
+@pytest.mark.parametrize("optimizer,beta,b_star,c2", [
+    # seed 004 §4.3: eta = 0.1, beta = 0.9, eps = 0.5 and the measured b*.
+    ("sgd", None, 512, 1280.0),
+    ("shb", 0.9, 1024, 25.3187),
+    ("nshb", 0.9, 512, 128.0),
+])
+def test_critical_reproduces_the_paper(capsys, optimizer, beta, b_star, c2):
+    # U-shaped SFO curves with their minimum at the paper's b*.
+    sfo = [f"{b}:{(1 + abs(b.bit_length() - b_star.bit_length())) * 1e6:g}"
+           for b in (2**k for k in range(3, 14))]
+    argv = ["critical", "--optimizer", optimizer, "--lr", "0.1", "--eps", "0.5", "--sfo", *sfo]
+    if beta is not None:
+        argv += ["--beta", str(beta)]
+    code, text, _ = run(capsys, *argv)
+    assert code == 0
+    power = b_star.bit_length() - 1
+    assert f"critical batch size b* = {b_star} (2^{power})" in text
+    res = last_json(text)
+    assert res["critical_batch_size"] == b_star
+    assert res["c2_upper_bound"] == pytest.approx(c2, rel=1e-5)
+    assert res["note"] is None  # the minimum lies inside the measured range
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["critical", "--eps", "0.5", "--sfo", "8:1e6"], "--sfo needs --optimizer and --lr"),
+    (["critical", "--optimizer", "shb", "--lr", "0.1", "--eps", "0.5", "--sfo", "8:1e6"],
+     "--beta is required for --optimizer shb"),
+    (["critical", "--optimizer", "sgd", "--lr", "0.1", "--eps", "0.5", "--sfo", "8=1e6"],
+     "expected BATCH:SFO"),
+    (["critical", "--optimizer", "sgd", "--lr", "0.1", "--eps", "0.5", "--sfo", "0:1e6"],
+     "batch size >= 1"),
+    (["critical", "--optimizer", "sgd", "--lr", "0.1", "--eps", "0", "--sfo", "8:1e6"],
+     "--eps must be a positive"),
+    (["critical", "--optimizer", "sgd", "--lr", "0.1", "--eps", "0.5", "--sfo", "8:1", "8:2"],
+     "batch size 8 twice"),
+    (["critical", "--optimizer", "sgd", "--lr", "0.1", "--eps", "0.5", "--sfo", "8:inf"],
+     "no batch size reached the threshold"),
+    (["critical", "--optimizer", "adam", "--lr", "0.1", "--eps", "0.5", "--sfo", "8:1"],
+     "invalid choice: 'adam'"),
+    (["critical", "--optimizer", "sgd", "--lr", "0.1", "--eps", "0.5"],
+     "one of the arguments --sfo --results is required"),
+])
+def test_critical_bad_flags(capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def _write_run(root, cfg: TrainConfig, epochs: list[tuple[int, float]]) -> None:
+    """A finished run folder whose epochs have the given (steps, mean gradient norm)."""
+    cfg = cfg.resolved()
+    folder = root / "runs" / config_hash(cfg)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    rows, total = [], 0
+    for e, (steps, gn) in enumerate(epochs, start=1):
+        total += steps
+        rows.append({"epoch": e, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0,
+                     "test_acc": 0.5, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                     "steps": steps, "total_steps": total, "grad_norm": gn, "time": 0.1})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "result.json").write_text(json.dumps({"status": "finished", "config":
+                                                    cfg.to_dict(), "final": rows[-1]}))
+
+
+def test_critical_from_a_sweep_folder(tmp_path, capsys):
+    def cfg(opt, b, **hp):
+        return TrainConfig(profile="short", dataset="cifar100", optimizer=opt, lr=0.1,
+                           batch_size=b, hparams=hp)
+
+    # SGD: running means reach eps = 0.7 after 24, 4 and 6 steps -> SFO 192, 64, 192.
+    _write_run(tmp_path, cfg("sgd", 8), [(8, 1.0), (8, 0.6), (8, 0.3)])
+    _write_run(tmp_path, cfg("sgd", 16), [(4, 0.6)])
+    _write_run(tmp_path, cfg("sgd", 32), [(2, 0.9), (2, 0.6), (2, 0.5)])
+    # SHB (default beta 0.9): b = 16 never reaches eps, so b* = 32.
+    _write_run(tmp_path, cfg("shb", 16), [(4, 0.9), (4, 0.9)])
+    _write_run(tmp_path, cfg("shb", 32), [(2, 0.5)])
+    code, text, _ = run(capsys, "critical", "--results", tmp_path, "--eps", "0.7")
+    assert code == 0
+    groups = {g["optimizer"]: g for g in last_json(text)["groups"]}
+    assert groups["sgd"]["sfo"] == {"8": 192.0, "16": 64.0, "32": 192.0}
+    assert groups["sgd"]["critical_batch_size"] == 16
+    assert groups["sgd"]["c2_upper_bound"] == pytest.approx(16 * 0.49 / 0.1)
+    assert groups["shb"]["sfo"] == {"16": None, "32": 64.0}
+    assert groups["shb"]["critical_batch_size"] == 32 and groups["shb"]["beta"] == 0.9
+    assert groups["shb"]["c2_upper_bound"] == pytest.approx(
+        32 * 0.49 * 0.9 * 0.01 / (0.1 * 0.91))
+    assert "did not reach eps" in text
+    assert groups["sgd"]["note"] is None
+    assert "only batch size 32 reached eps" in groups["shb"]["note"]
+    # Filters and the test start.
+    code, text, _ = run(capsys, "critical", "--results", tmp_path, "--eps", "0.7",
+                        "--optimizer", "sgd", "--min-epochs", "3")
+    assert code == 0
+    (g,) = last_json(text)["groups"]
+    assert g["sfo"] == {"8": 192.0, "16": None, "32": 192.0} and g["critical_batch_size"] == 8
+    assert "at the edge of the batch sizes that reached eps (8 to 32)" in g["note"]
+    code, _, err = run(capsys, "critical", "--results", tmp_path / "nope", "--eps", "0.7")
+    assert code == 1 and "does not exist" in err
+    code, _, err = run(capsys, "critical", "--results", tmp_path, "--eps", "0.7", "--lr", "0.5")
+    assert code == 1 and "no finished sgd/shb/nshb runs" in err
+
+
+def test_sweep_exit_codes(tmp_path, capsys, monkeypatch):
+    import labkit.experiments.sweep as sweep_mod
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base:\n  profile: smoke\ngrid:\n  lr: [0.1]\n")
+    argv = ["sweep", grid, "--out", tmp_path / "o", "--data-root", tmp_path / "d"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", interrupted)
+    code, _, err = run(capsys, *argv)
+    assert code == 130 and "run the same command again to resume" in err
+
+    def one_failed(configs, out, **kwargs):
+        p = sweep_mod.PointResult(0, "abc", configs[0], "failed", str(out), error="boom")
+        kwargs["on_run_end"](p)
+        return sweep_mod.SweepResult(str(out), [p])
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", one_failed)
+    code, text, err = run(capsys, *argv)
+    assert code == 1 and "[1/1] abc failed" in text and "boom" in text
+    assert last_json(text)["counts"] == {"failed": 1} and "1 point(s) failed" in err

@@ -1,0 +1,228 @@
+"""The training loop: metrics, run folders, exact resume, divergence, errors, profiles."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from labkit.data import make_fake_cifar
+from labkit.train import Callback, TrainConfig, config_hash, load_run, resolve_device, train
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_fake_cifar(root, "cifar10", n_train=256, n_test=128, seed=0)
+    return root
+
+
+def cfg(data_root, **kw) -> TrainConfig:
+    base = dict(dataset="cifar10", model="tiny", optimizer="shb", lr=0.05, hparams={"beta": 0.9},
+                batch_size=48, epochs=3, data_root=str(data_root), device="cpu", profile="short")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "batch_size",
+               "steps", "total_steps", "grad_norm", "time"}
+
+
+def test_run_folder_and_metrics(data_root, tmp_path):
+    out = tmp_path / "run"
+    res = train(cfg(data_root, out=str(out)), progress=False)
+    assert res.status == "finished" and not res.loaded
+    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt",
+                                               "result.json"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert set(r) == METRIC_KEYS
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1
+        assert r["steps"] == math.ceil(256 / 48)  # the last partial batch is used
+        assert r["grad_norm"] > 0
+    assert rows[-1]["total_steps"] == 3 * math.ceil(256 / 48)
+    stored = json.loads((out / "result.json").read_text())
+    assert stored["status"] == "finished" and stored["final"] == rows[-1]
+    assert json.loads((out / "config.json").read_text())["optimizer"] == "shb"
+    # No stray temporary files from the atomic writes.
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_learns_generated_data(data_root):
+    res = train(cfg(data_root, epochs=6, lr=0.05), progress=False)
+    first, last = res.metrics[0], res.metrics[-1]
+    assert last["train_loss"] < first["train_loss"]
+    assert last["test_acc"] > 0.3  # 10 classes: chance is 0.1
+
+
+def test_finished_folder_is_loaded_not_retrained(data_root, tmp_path):
+    out = tmp_path / "run"
+    first = train(cfg(data_root, out=str(out)), progress=False)
+    mtime = (out / "checkpoint.pt").stat().st_mtime_ns
+    again = train(cfg(data_root, out=str(out)), progress=False)
+    assert again.loaded and again.metrics == first.metrics
+    assert (out / "checkpoint.pt").stat().st_mtime_ns == mtime
+    assert load_run(out).metrics == first.metrics
+
+
+class StopAfter(Callback):
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_epoch_end(self, state, metrics):
+        if metrics["epoch"] >= self.epochs:
+            state.stop = True
+
+
+class StopMidEpoch(Callback):
+    step_interval = 1
+
+    def __init__(self, step: int):
+        self.at = step
+
+    def on_step(self, state):
+        if state.step == self.at:
+            state.stop = True
+
+
+@pytest.mark.parametrize("optimizer,hparams,lr", [
+    ("shb", {"beta": 0.9}, 0.05),
+    ("adam", {"eta": 3.0}, 1e-3),
+])
+def test_resume_is_exact(data_root, tmp_path, optimizer, hparams, lr):
+    """An interrupted run resumed in its folder gives exactly the uninterrupted numbers."""
+    kw = dict(optimizer=optimizer, hparams=hparams, lr=lr, epochs=4,
+              lr_schedule={"kind": "step", "every": 2, "factor": 0.5},
+              batch_schedule={"kind": "step", "every": 2, "factor": 2})
+    full = train(cfg(data_root, **kw), progress=False)
+    out = tmp_path / "run"
+    part = train(cfg(data_root, out=str(out), **kw), callbacks=[StopAfter(2)], progress=False)
+    assert part.status == "stopped" and len(part.metrics) == 2
+    assert not (out / "result.json").exists()
+    # Interrupt again in the middle of epoch 3: that epoch is recomputed from the checkpoint.
+    part = train(cfg(data_root, out=str(out), **kw), callbacks=[StopMidEpoch(14)],
+                 progress=False)
+    assert part.status == "stopped" and len(part.metrics) == 2
+    resumed = train(cfg(data_root, out=str(out), **kw), progress=False)
+    assert resumed.status == "finished" and resumed.resumed_from == 2
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+    assert strip(resumed.metrics) == strip(full.metrics)
+    assert [r["batch_size"] for r in full.metrics] == [48, 48, 96, 96]
+    assert [r["lr"] for r in full.metrics] == [lr, lr, lr / 2, lr / 2]
+
+
+def test_divergence_is_recorded_not_raised(data_root, tmp_path):
+    out = tmp_path / "div"
+    res = train(cfg(data_root, optimizer="sgd", hparams={}, lr=1e20, out=str(out)),
+                progress=False)
+    assert res.status == "diverged" and res.diverged
+    assert res.metrics[-1]["diverged"] is True
+    assert res.metrics[-1]["train_loss"] is None
+    assert json.loads((out / "result.json").read_text())["status"] == "diverged"
+    # Everything written is valid JSON (no NaN literals).
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_callbacks_see_every_epoch_and_step(data_root):
+    seen = {"epochs": [], "steps": 0}
+
+    class Spy(Callback):
+        step_interval = 2
+
+        def on_step(self, state):
+            seen["steps"] += 1
+            assert torch.isfinite(state.loss)
+
+        def on_epoch_end(self, state, metrics):
+            seen["epochs"].append(metrics["epoch"])
+
+    train(cfg(data_root, epochs=2), callbacks=[Spy()], progress=False)
+    steps = 2 * math.ceil(256 / 48)
+    assert seen["epochs"] == [1, 2] and seen["steps"] == steps // 2
+
+
+def test_folder_of_another_run_is_refused(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(data_root, out=str(out), epochs=1), progress=False)
+    with pytest.raises(ValueError, match="different run.*lr"):
+        train(cfg(data_root, out=str(out), epochs=1, lr=0.01), progress=False)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(data_root, out=str(out)), callbacks=[StopAfter(1)], progress=False)
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.pt"):
+        train(cfg(data_root, out=str(out)), progress=False)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"lr": -0.1}, "lr must be a positive"),
+    ({"lr": float("nan")}, "lr must be a positive"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"epochs": 0}, "epochs must be an integer >= 1"),
+    ({"optimizer": "adamw"}, "optimizer must be one of .*nshb"),
+    ({"model": "vgg"}, "model must be one of .*resnet18"),
+    ({"dataset": "mnist"}, "dataset must be one of cifar10, cifar100"),
+    ({"profile": "huge"}, "profile must be one of smoke, short, paper"),
+    ({"precision": "fp8"}, "precision must be one of"),
+    ({"hparams": {"beta": 1.5}}, "beta"),
+    ({"hparams": {"gamma": 1}}, "gamma"),
+    ({"weight_decay": -1.0}, "weight_decay"),
+    ({"device": "tpu"}, "device"),
+    ({"lr_schedule": {"kind": "zigzag"}}, "zigzag"),
+])
+def test_bad_config_is_a_clear_error(data_root, kw, match):
+    with pytest.raises(ValueError, match=match):
+        train(cfg(data_root, **kw), progress=False)
+
+
+def test_batch_larger_than_dataset(data_root):
+    with pytest.raises(ValueError, match="batch_size 512 .* exceeds the 256 training images"):
+        train(cfg(data_root, batch_size=512), progress=False)
+    with pytest.raises(ValueError, match="batch_size 384 .*schedule"):
+        train(cfg(data_root, batch_size=96, epochs=3,
+                  batch_schedule={"kind": "step", "every": 1, "factor": 2}), progress=False)
+
+
+def test_missing_data_names_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        train(cfg(tmp_path, epochs=1), progress=False)
+
+
+def test_smoke_profile_generates_data(tmp_path):
+    res = train(TrainConfig(profile="smoke", data_root=str(tmp_path), device="cpu"),
+                progress=False)
+    assert res.status == "finished" and len(res.metrics) == 4
+    assert res.config["model"] == "tiny"
+    assert (tmp_path / "labkit-smoke" / "cifar-10-batches-py" / "data_batch_1").exists()
+
+
+def test_profiles_and_identity():
+    c = TrainConfig(dataset="cifar100", profile="paper").resolved()
+    assert (c.model, c.epochs) == ("resnet18", 200)
+    assert TrainConfig(dataset="cifar10", profile="short").resolved().model == "resnet44"
+    a = TrainConfig(profile="smoke", out="x", data_root="/a")
+    b = TrainConfig(profile="smoke", out="y", data_root="/b")
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(TrainConfig(profile="smoke", seed=1))
+    assert TrainConfig.from_dict(a.to_dict()) == a
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"learning_rate": 1})
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
