@@ -7,4 +7,7 @@ equations it implements.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# Light: labkit.record imports neither torch nor IPython at import time.
+from labkit.record import record  # noqa: E402
+
+__all__ = ["__version__", "record"]

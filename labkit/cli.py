@@ -1,4 +1,5 @@
-"""The ``labkit`` command line: ``train``, ``sweep``, ``critical``, ``sharpness`` and ``info``.
+"""The ``labkit`` command line: ``train``, ``sweep``, ``critical``, ``sharpness``, ``grade`` and
+``info``.
 
 Examples::
 
@@ -8,8 +9,14 @@ Examples::
     labkit sweep grid.yaml --out runs/bs-sweep --dry-run
     labkit critical --optimizer shb --lr 0.1 --beta 0.9 --eps 0.5 --sfo 512:2.1e6 1024:1.9e6
     labkit critical --results runs/sfo-sweep --eps 0.5
+    labkit critical measure --dataset cifar100 --optimizer shb --lr 0.1 --set beta=0.9 \\
+        --eps 0.5 --min-epochs 10 --batch-sizes 8 16 32 64 128 256 512 1024 --out runs/sfo-shb
     labkit sharpness runs/smoke --rho 0.0002
+    labkit grade submitted/ --lab labs/lab3_critical_batch.ipynb --out gradebook.csv
     labkit info
+
+``labkit grade`` never imports torch: :func:`main` builds its parser alone
+(:func:`build_grade_parser`), without the training modules the other subcommands need.
 """
 
 from __future__ import annotations
@@ -141,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(subparser=t)
 
     _add_science_parsers(sub, PROFILES)
+    _add_grade_parser(sub)
 
     i = sub.add_parser("info", help="versions, device, and which data sets are present")
     i.add_argument("--data-root", default=None)
@@ -194,21 +202,25 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
     c = sub.add_parser(
         "critical",
         help="critical batch size b* and the C^2 bound it implies (seed 004 Theorem 4.4)",
+        usage="labkit critical (--sfo BATCH:SFO [...] | --results DIR) --eps EPS [options]\n"
+        "       labkit critical measure --eps EPS --batch-sizes B [B ...] --out DIR [options]",
         description="Compute the critical batch size b* = argmin_b SFO(b) and, by Theorem 4.4 "
         "of Sato & Iiduka (arXiv:2402.02325) read backwards, the upper bound on the "
-        "stochastic-gradient variance C^2. This command does the formula part; the SFO "
-        "complexities come either from --sfo (measured elsewhere) or from --results, a sweep "
-        "folder whose runs recorded gradient norms: there T is the first epoch end at which "
-        "the running mean of the mini-batch gradient norm is <= eps (an upper bound on the "
-        "step-exact T by less than one epoch), SFO = T b averaged over seeds, and runs are "
-        "grouped by optimizer, lr and beta.",
+        "stochastic-gradient variance C^2. The SFO complexities come from --sfo (measured "
+        "elsewhere), from --results, a sweep folder whose runs recorded gradient norms (there "
+        "T is the first epoch end at which the running mean of the mini-batch gradient norm is "
+        "<= eps: an upper bound on the step-exact T by less than one epoch; SFO = T b averaged "
+        "over seeds; runs grouped by optimizer, lr and beta), or from `labkit critical measure "
+        "...`, which trains one run per batch size and stops each at the exact step T.",
     )
-    src = c.add_mutually_exclusive_group(required=True)
+    # One of --sfo / --results, or the `measure` subcommand: checked in _cmd_critical.
+    src = c.add_mutually_exclusive_group()
     src.add_argument("--sfo", nargs="+", type=_sfo_pair, metavar="BATCH:SFO",
                      help="measured SFO complexities, e.g. --sfo 256:3e6 512:2e6 1024:2.4e6")
     src.add_argument("--results", metavar="DIR", help="a sweep folder (labkit sweep --out)")
-    c.add_argument("--eps", type=_float, required=True,
-                   help="the gradient-norm threshold of the stopping test (the paper: 0.5)")
+    c.add_argument("--eps", type=_float, default=None,
+                   help="the gradient-norm threshold of the stopping test (the paper: 0.5); "
+                   "required")
     c.add_argument("--optimizer", choices=CRITICAL_OPTIMIZERS, default=None,
                    help="required with --sfo; with --results, keep only this optimizer")
     c.add_argument("--lr", type=_float, default=None,
@@ -217,7 +229,8 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
                    help="momentum (required with --sfo for shb and nshb)")
     c.add_argument("--min-epochs", type=int, default=0,
                    help="with --results: apply the stopping test from this epoch on (default 0)")
-    c.set_defaults(subparser=c)
+    c.set_defaults(subparser=c, critical_command=None)
+    _add_critical_measure_parser(c, profiles)
 
     h = sub.add_parser(
         "sharpness",
@@ -246,6 +259,177 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
     h.add_argument("--no-cache", dest="cache", action="store_false",
                    help="measure again even if sharpness.json holds this setting")
     h.set_defaults(subparser=h)
+
+
+def _student_from(text: str) -> str:
+    from labkit.grading import _check_student_from
+
+    try:
+        _check_student_from(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("student_from ", "", 1)) from None
+    return text
+
+
+def _positive_float(text: str) -> float:
+    v = _float(text)
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def _add_grade_parser(sub: Any) -> None:
+    """The ``grade`` subcommand; imports nothing but the standard library here."""
+    g = sub.add_parser(
+        "grade",
+        help="grade saved lab notebooks from their outputs (never runs them unless --execute)",
+        description="Grade students' saved lab notebooks against the released lab and its "
+        "answer key: recorded answers (labkit.record outputs) within the key's tolerances, "
+        "their consistency with the student's own recorded data, and whether the nbgrader test "
+        "cells ran without error. Notebooks are read with nbformat and never executed unless "
+        "--execute is given. Writes a CSV gradebook with one row per submission, whatever is "
+        "wrong with it. See the \"For instructors\" section of README.md.",
+    )
+    g.add_argument("submissions", nargs="+", metavar="SUBMISSION",
+                   help="a student's notebook, or a folder: each notebook directly in it and "
+                   "each subfolder (nbgrader's submitted/<student>/) is one student's")
+    g.add_argument("--lab", required=True, metavar="LAB.ipynb",
+                   help="the released lab notebook, e.g. labs/lab3_critical_batch.ipynb")
+    g.add_argument("--key", default=None, metavar="KEY.yml",
+                   help="answer key (default: keys/<lab>.yml next to the lab)")
+    g.add_argument("--out", required=True, metavar="GRADEBOOK.csv", help="the CSV gradebook")
+    g.add_argument("--feedback", default=None, metavar="DIR",
+                   help="also write one Markdown feedback page per student into DIR")
+    g.add_argument("--student-from", type=_student_from, default="auto",
+                   metavar="auto|file|folder|regex:PATTERN",
+                   help="where the student id comes from (default auto: the notebook's file "
+                   "name, or the student's subfolder)")
+    g.add_argument("--max-size", type=_positive_float, default=20.0, metavar="MiB",
+                   help="skip (with a reason) notebooks larger than this (default 20)")
+    g.add_argument("--execute", action="store_true",
+                   help="re-run each notebook in a fresh kernel first (nbclient). This RUNS THE "
+                   "STUDENTS' CODE with your permissions: use a sandbox")
+    g.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="with --execute: per-cell time limit (default 600)")
+    g.add_argument("--kernel", default=None,
+                   help="with --execute: kernel name (default: the notebook's, else python3)")
+    g.add_argument("--save-executed", default=None, metavar="DIR",
+                   help="with --execute: keep the executed notebooks in DIR")
+    g.set_defaults(subparser=g)
+
+
+def build_grade_parser() -> argparse.ArgumentParser:
+    """A parser that knows only ``grade``: no training module (and so no torch) is imported."""
+    parser = argparse.ArgumentParser(prog="labkit")
+    parser.add_argument("--version", action="version", version=f"labkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_grade_parser(sub)
+    return parser
+
+
+def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from labkit.grading import grade_submissions, write_feedback, write_gradebook
+
+    if not args.execute:
+        for flag, value in (("--timeout", args.timeout), ("--kernel", args.kernel),
+                            ("--save-executed", args.save_executed)):
+            if value is not None:
+                parser.error(f"{flag} only applies with --execute")
+    timeout = 600.0 if args.timeout is None else args.timeout
+    try:
+        results = grade_submissions(
+            args.submissions, args.lab, args.key, student_from=args.student_from,
+            max_bytes=int(args.max_size * 2**20), execute=args.execute, timeout=timeout,
+            kernel_name=args.kernel, save_executed=args.save_executed,
+        )
+    except FileNotFoundError as e:
+        print(f"labkit grade: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        parser.error(str(e))
+    if not results:
+        print("labkit grade: error: no submissions found in "
+              f"{', '.join(args.submissions)}", file=sys.stderr)
+        return 1
+    key = results[0].key
+    write_gradebook(results, key, args.out)
+    width = max(len(r.student) for r in results)
+    for r in results:
+        note = f"  {r.error}" if r.error else (f"  ({len(r.flags)} flag(s))" if r.flags else "")
+        print(f"{r.student:<{width}}  {r.total:g} / {key.max_points:g}{note}")
+    if args.feedback:
+        write_feedback(results, args.feedback)
+    bad = sum(r.error is not None for r in results)
+    print(f"wrote {args.out}: {len(results)} submission(s), {bad} could not be graded"
+          + (f"; feedback in {args.feedback}" if args.feedback else ""))
+    return 0
+
+
+def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[str]) -> None:
+    """``labkit critical measure``: train one run per batch size and measure T and T b."""
+    from labkit.critical import CRITERIA
+    from labkit.models import MODEL_NAMES
+    from labkit.optim import OPTIMIZER_NAMES
+    from labkit.train import DATASETS, PRECISIONS
+
+    sub = c.add_subparsers(dest="critical_command", metavar="measure", title="measuring",
+                           description="instead of --sfo / --results: train and measure")
+    m = sub.add_parser(
+        "measure",
+        help="measure the SFO complexity T b per batch size by training, then b* and C^2",
+        description="Train one run per batch size (in OUT/runs/b<b>) and stop it at the first "
+        "step T at which the stopping test passes, T exact to the step; print T, SFO = T b, "
+        "the critical batch size b* = argmin_b T b and the C^2 bound of Theorem 4.4 (Sato & "
+        "Iiduka, arXiv:2402.02325, §4.3; the paper: --dataset cifar100 --optimizer shb --lr 0.1 "
+        "--set beta=0.9 --eps 0.5 --batch-sizes 8 16 ... 8192). Criteria: minibatch (default, "
+        "the authors'): the running mean of the mini-batch gradient norms of steps 1..t is <= "
+        "eps (the authors' code tests after 10 epochs: --min-epochs 10); full: the norm of the "
+        "gradient over the whole training set is <= eps, tested every --check-every steps "
+        "(default once per epoch; each test costs about one epoch of training). A batch size "
+        "that does not reach eps within --max-epochs, or diverges, gets SFO = inf. Each "
+        "finished batch size is saved in OUT/sfo-b<b>.json: re-running the same command "
+        "resumes and retrains nothing.",
+    )
+    m.add_argument("--dataset", choices=DATASETS, default="cifar100",
+                   help="default cifar100 (the seed's experiment)")
+    m.add_argument("--model", choices=MODEL_NAMES, default=None,
+                   help="default: tiny for --profile smoke, else the paper's model")
+    m.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd",
+                   help="default sgd; the C^2 bound exists for sgd, shb and nshb")
+    m.add_argument("--lr", type=_float, default=0.1, help="learning rate (default 0.1)")
+    m.add_argument("--set", dest="hparams", action="append", type=parse_assignment, default=[],
+                   metavar="KEY=VALUE", help="optimizer hyperparameter, e.g. --set beta=0.9")
+    m.add_argument("--weight-decay", type=_float, default=0.0)
+    m.add_argument("--eps", type=_float, required=True,
+                   help="the threshold of the stopping test, a gradient norm (the paper: 0.5)")
+    m.add_argument("--batch-sizes", nargs="+", type=_positive_int, required=True, metavar="B",
+                   help="the grid, e.g. 8 16 32 64 128 256 512 1024 2048 4096 8192")
+    m.add_argument("--criterion", choices=CRITERIA, default=CRITERIA[0],
+                   help="minibatch (default, the authors') or full (see above)")
+    m.add_argument("--min-epochs", type=int, default=0,
+                   help="apply the test from the end of this epoch on (default 0; the "
+                   "authors' code: 10)")
+    m.add_argument("--max-epochs", type=_positive_int, default=None,
+                   help="give up on a batch size after this many epochs (default: the "
+                   "profile's epochs)")
+    m.add_argument("--check-every", type=_positive_int, default=None, metavar="STEPS",
+                   help="with --criterion full: steps between tests (default: once per epoch)")
+    m.add_argument("--profile", choices=profiles, default="short")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    m.add_argument("--precision", choices=PRECISIONS, default="auto")
+    m.add_argument("--compile", action="store_true", help="use torch.compile")
+    m.add_argument("--no-augment", dest="augment", action="store_false")
+    m.add_argument("--data-root", default=None,
+                   help="folder with cifar-10-batches-py / cifar-100-python "
+                   "(default: $LABKIT_DATA or ~/.cache/labkit/data)")
+    m.add_argument("--download", action="store_true",
+                   help="download CIFAR with torchvision when it is missing")
+    m.add_argument("--out", required=True, metavar="DIR",
+                   help="measurement folder (sfo-b<b>.json per batch size, runs/b<b>/)")
+    m.add_argument("--quiet", action="store_true", help="no per-batch-size lines")
+    m.set_defaults(subparser=m, critical_command="measure")
 
 
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -433,11 +617,13 @@ def _critical_group(optimizer: str, lr: float, beta: float | None, eps: float,
                     sfo: dict[int, float]) -> dict[str, Any]:
     import math
 
-    from labkit.critical import c2_upper_bound, critical_batch_size
+    from labkit.critical import OPTIMIZERS, c2_upper_bound, critical_batch_size
 
     b_star = critical_batch_size(sfo)
-    c2 = c2_upper_bound(optimizer, critical_batch_size=b_star, lr=lr, eps=eps,
-                        beta=None if optimizer == "sgd" else beta)
+    c2 = None
+    if optimizer in OPTIMIZERS:
+        c2 = c2_upper_bound(optimizer, critical_batch_size=b_star, lr=lr, eps=eps,
+                            beta=None if optimizer == "sgd" else beta)
     reached = sorted(b for b, v in sfo.items() if math.isfinite(v))
     note = None
     if len(reached) == 1:
@@ -446,6 +632,10 @@ def _critical_group(optimizer: str, lr: float, beta: float | None, eps: float,
     elif b_star in (reached[0], reached[-1]):
         note = (f"b* is at the edge of the batch sizes that reached eps ({reached[0]} to "
                 f"{reached[-1]}): the minimum may lie beyond; measure further batch sizes")
+    if c2 is None:
+        theorem = (f"Theorem 4.4 covers {', '.join(OPTIMIZERS)} only: no C^2 bound for "
+                   f"{optimizer}")
+        note = theorem if note is None else f"{note}; {theorem}"
     return {"optimizer": optimizer, "lr": lr, "beta": None if optimizer == "sgd" else beta,
             "note": note,
             "eps": eps,
@@ -454,18 +644,23 @@ def _critical_group(optimizer: str, lr: float, beta: float | None, eps: float,
 
 
 def _print_critical(g: dict[str, Any]) -> None:
-    import math
-
     beta = "" if g["beta"] is None else f"  beta {g['beta']:g}"
     print(f"optimizer {g['optimizer']}  lr {g['lr']:g}{beta}  eps {g['eps']:g}")
     for b, v in g["sfo"].items():
         print(f"  b = {b:>6}  SFO {v:.4g}" if v is not None
               else f"  b = {b:>6}  did not reach eps")
+    _print_b_star(g)
+
+
+def _print_b_star(g: dict[str, Any]) -> None:
+    import math
+
     b = g["critical_batch_size"]
     log2 = math.log2(b)
     power = f" (2^{int(log2)})" if log2 == int(log2) else ""
     print(f"critical batch size b* = {b}{power}")
-    print(f"C^2 < {g['c2_upper_bound']:.6g}  (Theorem 4.4)")
+    if g["c2_upper_bound"] is not None:
+        print(f"C^2 < {g['c2_upper_bound']:.6g}  (Theorem 4.4)")
     if g["note"]:
         print(f"note: {g['note']}")
 
@@ -473,6 +668,13 @@ def _print_critical(g: dict[str, Any]) -> None:
 def _cmd_critical(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import math
 
+    if args.critical_command == "measure":
+        return _cmd_critical_measure(args, parser)
+    if args.sfo is None and args.results is None:
+        parser.error("one of the arguments --sfo --results is required (or measure the SFO "
+                     "complexities by training: labkit critical measure --help)")
+    if args.eps is None:
+        parser.error("the following arguments are required: --eps")
     if not (args.eps > 0 and math.isfinite(args.eps)):
         parser.error(f"--eps must be a positive finite number; got {args.eps}")
     if args.beta is not None and not 0 <= args.beta < 1:
@@ -552,6 +754,102 @@ def _cmd_critical(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return code
 
 
+def _sfo_line(r: Any, max_epochs: int) -> str:
+    """One row of the `labkit critical measure` table."""
+    how = " (saved)" if r.loaded else ""
+    if r.reached:
+        return (f"  b = {r.batch_size:>6}  T = {r.steps:>8}  SFO = {r.sfo:<10.6g}  "
+                f"{r.epochs} epoch(s), test value {r.value:.4g}{how}")
+    if r.diverged:
+        return f"  b = {r.batch_size:>6}  diverged after {r.steps_run} steps: SFO = inf{how}"
+    return (f"  b = {r.batch_size:>6}  did not reach eps within {max_epochs} epochs "
+            f"(last test value {r.value:.4g}): SFO = inf{how}")
+
+
+def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import math
+
+    from labkit.critical import measure_sfo
+    from labkit.data import DatasetError
+    from labkit.train import TrainConfig
+
+    # Options of the formula mode given before `measure`.
+    for flag, value in (("--sfo", args.sfo), ("--results", args.results), ("--beta", args.beta)):
+        if value is not None:
+            hint = " (use --set beta=VALUE after measure)" if flag == "--beta" else ""
+            parser.error(f"{flag} belongs to `labkit critical`, not `labkit critical measure`"
+                         f"{hint}")
+    if not (args.eps > 0 and math.isfinite(args.eps)):
+        parser.error(f"--eps must be a positive finite number; got {args.eps}")
+    if args.min_epochs < 0:
+        parser.error(f"--min-epochs must be >= 0; got {args.min_epochs}")
+    if args.check_every is not None and args.criterion != "full":
+        parser.error("--check-every applies to --criterion full only (the minibatch test is "
+                     "applied at every step)")
+    hparams: dict[str, Any] = {}
+    for key, value in args.hparams:
+        if key in hparams:
+            parser.error(f"--set {key} given twice")
+        hparams[key] = value
+    config = TrainConfig(
+        dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
+        hparams=hparams, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+        precision=args.precision, compile=args.compile, augment=args.augment,
+        data_root=args.data_root, download=args.download, profile=args.profile,
+    )
+    max_epochs = args.max_epochs
+    quiet = args.quiet
+
+    def report(r: Any) -> None:
+        if not quiet:
+            print(_sfo_line(r, max_epochs), flush=True)
+
+    try:
+        config = config.resolved()
+        if max_epochs is None:
+            max_epochs = config.epochs
+        if not quiet:
+            print(f"SFO complexity T b: {config.optimizer} lr {config.lr:g}"
+                  + "".join(f" {k}={v}" for k, v in sorted(hparams.items()))
+                  + f" on {config.dataset} ({config.model}), eps {args.eps:g}, criterion "
+                  f"{args.criterion}, min_epochs {args.min_epochs}, max_epochs {max_epochs}",
+                  flush=True)
+        result = measure_sfo(
+            config, args.batch_sizes, args.eps, criterion=args.criterion,
+            min_epochs=args.min_epochs, max_epochs=max_epochs, check_every=args.check_every,
+            out=args.out, progress=sys.stderr.isatty() and not quiet, on_record=report,
+        )
+    except KeyboardInterrupt:
+        print(f"labkit critical measure: interrupted; run the same command again to resume "
+              f"({args.out})", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, DatasetError) as e:
+        print(f"labkit critical measure: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+
+    summary: dict[str, Any] = {
+        "criterion": result.criterion, "min_epochs": result.min_epochs,
+        "max_epochs": result.max_epochs, "check_every": result.check_every, "out": result.out,
+        "records": [r.to_dict() for r in result.records],
+    }
+    opt = config.optimizer
+    beta = None if opt == "sgd" else result.beta()
+    try:
+        group = _critical_group(opt, config.lr, beta, args.eps, result.table())
+    except ValueError as e:
+        group = {"optimizer": opt, "lr": config.lr, "beta": beta, "eps": args.eps,
+                 "sfo": {str(b): None for b in result.table()}, "critical_batch_size": None,
+                 "c2_upper_bound": None, "note": str(e)}
+        print(f"labkit critical measure: {e}", file=sys.stderr)
+        print(json.dumps({**group, **summary}, sort_keys=True))
+        return 1
+    _print_b_star(group)
+    print(json.dumps({**group, **summary}, sort_keys=True))
+    return 0
+
+
 def _cmd_sharpness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from labkit.data import DatasetError
     from labkit.experiments.results import measure_sharpness
@@ -578,10 +876,16 @@ def _cmd_sharpness(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["grade"]:
+        # Grading must not import torch or the training code: it gets a parser of its own.
+        grade_parser = build_grade_parser()
+        args = grade_parser.parse_args(argv)
+        return _cmd_grade(args, args.subparser)
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "sweep": _cmd_sweep, "critical": _cmd_critical,
-                "sharpness": _cmd_sharpness}
+                "sharpness": _cmd_sharpness, "grade": _cmd_grade}
     if args.command in commands:
         return commands[args.command](args, args.subparser)
     return _cmd_info(args)

@@ -1,42 +1,300 @@
-"""The book builds from clean with warnings as errors, and serves its math renderer itself."""
+"""The built book: a clean build with warnings as errors, a self-contained site (scripts, fonts
+and the math renderer served from the site itself, so it works offline and on hubs without
+internet), internal links and cross-references that resolve, and JupyterHub launch links.
+
+The build itself is the session fixture `built_book` in conftest.py.
+"""
 
 from __future__ import annotations
 
-import os
+import posixpath
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+from html.parser import HTMLParser
+from pathlib import Path, PurePosixPath
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# `<link rel=...>` values that only describe a relation; every other rel (stylesheet, icon,
+# preload, prefetch, preconnect, manifest...) makes the browser fetch or connect.
+NAVIGATION_RELS = {"index", "search", "next", "prev", "canonical", "alternate", "author",
+                   "license", "help", "copyright", "up", "top", "first", "last"}
+# Attributes from which the browser fetches something as soon as the page loads.
+LOAD_ATTRS = {"script": ("src",), "img": ("src", "srcset"), "source": ("src", "srcset"),
+              "iframe": ("src",), "embed": ("src",), "object": ("data",),
+              "video": ("src", "poster"), "audio": ("src",), "track": ("src",),
+              "input": ("src",), "image": ("href", "xlink:href"), "use": ("href", "xlink:href")}
+
+
+class Page(HTMLParser):
+    """What one HTML page defines (ids), links to (<a href>) and makes the browser load."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.ids: set[str] = set()
+        self.anchors: list[str] = []
+        self.loads: list[tuple[str, str]] = []  # (tag and attribute, url)
+        self.inline_scripts: list[str] = []
+        self.styles: list[str] = []  # <style> bodies and style="..." attributes
+        self.has_math = False
+        self._inside: str | None = None
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "a" and "name" in a:
+            self.ids.add(a["name"])
+        if "style" in a:
+            self.styles.append(a["style"])
+        self.has_math |= "math" in a.get("class", "").split()
+        if tag == "a" and "href" in a:
+            self.anchors.append(a["href"])
+        if tag == "link" and "href" in a:
+            rels = set(a.get("rel", "").lower().split())
+            if not rels or not rels <= NAVIGATION_RELS:
+                self.loads.append((f"<link rel={a.get('rel', '')!r} href>", a["href"]))
+        for attr in LOAD_ATTRS.get(tag, ()):
+            if attr in a:
+                urls = ([c.split()[0] for c in a[attr].split(",") if c.strip()]
+                        if attr == "srcset" else [a[attr]])
+                self.loads += [(f"<{tag} {attr}>", u) for u in urls]
+        if tag == "script" and "src" not in a:
+            self._inside = "script"
+        elif tag == "style":
+            self._inside = "style"
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style"):
+            self._inside = None
+
+    def handle_data(self, data: str) -> None:
+        if self._inside == "script":
+            self.inline_scripts.append(data)
+        elif self._inside == "style":
+            self.styles.append(data)
+
+
+def is_external(url: str) -> bool:
+    """True for a URL that leaves the site: another host, or a network scheme."""
+    u = urlsplit(url.strip())
+    return bool(u.netloc) or u.scheme.lower() in {"http", "https", "ftp", "ws", "wss"}
+
+
+def read_site(html: Path) -> dict[str, Page]:
+    """Every page of a built site, keyed by its path relative to the site root.
+
+    `_static/*.html` are the theme's template leftovers, not pages, and are left out.
+    """
+    return {p.relative_to(html).as_posix(): Page(p.read_text(encoding="utf-8"))
+            for p in sorted(html.rglob("*.html")) if p.relative_to(html).parts[0] != "_static"}
+
+
+def css_urls(css: str) -> list[str]:
+    """The targets of url(...) and @import in a stylesheet, comments removed."""
+    css = re.sub(r"/\*.*?\*/", "", css, flags=re.S)
+    found = re.findall(r"""url\(\s*(?:"([^"]*)"|'([^']*)'|([^)'"\s]*))\s*\)""", css)
+    found += [(m,) for m in re.findall(r"""@import\s+["']([^"']+)["']""", css)]
+    return [next(g for g in groups if g) for groups in found if any(groups)]
+
+
+def external_loads(html: Path, pages: dict[str, Page]) -> list[str]:
+    """Everything any page, inline style or served stylesheet would fetch from another host."""
+    bad = [f"{name}: {what} {url}" for name, page in pages.items()
+           for what, url in page.loads if is_external(url)]
+    bad += [f"{name}: style url {url}" for name, page in pages.items()
+            for style in page.styles for url in css_urls(style) if is_external(url)]
+    bad += [f"{css.relative_to(html)}: url {url}" for css in sorted(html.rglob("*.css"))
+            for url in css_urls(css.read_text(encoding="utf-8", errors="replace"))
+            if is_external(url)]
+    return bad
+
+
+def external_script_references(pages: dict[str, Page]) -> list[str]:
+    """Other hosts named in inline scripts (which could fetch from them)."""
+    return [f"{name}: inline script names {url}" for name, page in pages.items()
+            for script in page.inline_scripts
+            for url in re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"'`<>]*", script)]
+
+
+def broken_internal_links(html: Path, pages: dict[str, Page]) -> tuple[list[str], int]:
+    """Internal <a href>s and loads whose file or #fragment is missing; and how many
+    fragment links were checked."""
+    bad, fragments = [], 0
+    parsed = dict(pages)
+    for name, page in pages.items():
+        refs = [("<a href>", h) for h in page.anchors] + page.loads
+        for what, ref in refs:
+            u = urlsplit(ref)
+            if u.scheme or u.netloc:
+                continue
+            path = unquote(u.path)
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), path)) \
+                if path else name
+            if target.startswith("../") or not (html / target).is_file():
+                bad.append(f"{name}: {what} {ref} -> {target} does not exist")
+                continue
+            if what == "<a href>" and u.fragment and target.endswith(".html"):
+                if target not in parsed:
+                    parsed[target] = Page((html / target).read_text(encoding="utf-8"))
+                fragments += 1
+                if unquote(u.fragment) not in parsed[target].ids:
+                    bad.append(f"{name}: {what} {ref} -> no id {unquote(u.fragment)!r} in {target}")
+    return bad, fragments
+
+
+def toc_files() -> list[str]:
+    """Every `file:` of _toc.yml, in order."""
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                yield str(node["file"])
+            for value in node.values():
+                yield from walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from walk(item)
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
+    return [str(toc["root"]), *walk({k: v for k, v in toc.items() if k != "root"})]
+
+
+def launch_pages() -> list[str]:
+    """The labs listed in the toc; before any is listed, a chapter (chapters are MyST
+    notebooks, so they get launch buttons too)."""
+    docs = [re.sub(r"\.(ipynb|md)$", "", f) for f in toc_files()]
+    return [d for d in docs if d.startswith("labs/")] or ["book/ch01_learning"]
+
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    if not (ROOT / "book/_static/mathjax/tex-chtml.js").exists():
-        pytest.fail("MathJax is missing from book/_static: run `bash .ci/setup` first")
-    out = tmp_path_factory.mktemp("book")
-    jb = Path(sys.executable).with_name("jupyter-book")
-    p = subprocess.run([str(jb), "build", str(ROOT), "--path-output", str(out), "-W",
-                        "--keep-going"], capture_output=True, text=True,
-                       env=os.environ | {"MPLBACKEND": "Agg"})
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    yield out / "_build" / "html"
-    shutil.rmtree(out, ignore_errors=True)
+def pages(built_book) -> dict[str, Page]:
+    return read_site(built_book.html)
 
 
-def test_intro_page_is_built(built):
-    html = (built / "book" / "intro.html").read_text()
+def test_intro_page_is_built(built_book):
+    html = (built_book.html / "book" / "intro.html").read_text()
     assert "Optimization for Deep Learning" in html
-    assert (built / "index.html").exists()
+    assert (built_book.html / "index.html").exists()
 
 
-def test_math_renderer_is_served_locally(built):
-    html = (built / "book" / "intro.html").read_text()
-    scripts = re.findall(r'<script[^>]*src="([^"]+)"', html)
-    mathjax = [s for s in scripts if "mathjax" in s.lower()]
-    assert mathjax and all(not s.startswith("http") for s in mathjax), mathjax
-    assert (built / "_static" / "mathjax" / "tex-chtml.js").exists()
+def test_build_passes_with_warnings_as_errors(built_book):
+    problems = [ln for ln in built_book.log.splitlines()
+                if re.search(r"\b(WARNING|ERROR|CRITICAL):|undefined label|unknown document", ln)]
+    assert not problems, f"{len(problems)} warnings, first ones:\n" + "\n".join(problems[:40])
+    assert built_book.returncode == 0, built_book.log[-4000:]
+
+
+def test_every_chapter_in_the_toc_is_built(built_book):
+    missing = [f for f in toc_files()
+               if not (built_book.html / re.sub(r"\.(ipynb|md)$", "", f)).with_suffix(".html")
+               .is_file()]
+    assert not missing
+
+
+def test_pages_with_math_use_the_mathjax_served_by_the_site(built_book, pages):
+    with_math = [name for name, page in pages.items() if page.has_math]
+    assert "book/intro.html" in with_math and "book/ch01_learning.html" in with_math
+    for name in with_math:
+        scripts = [url for what, url in pages[name].loads if what == "<script src>"]
+        mathjax = [posixpath.normpath(posixpath.join(posixpath.dirname(name), urlsplit(u).path))
+                   for u in scripts if "mathjax" in u.lower()]
+        assert mathjax == ["_static/mathjax/tex-chtml.js"], (name, scripts)
+    fonts = built_book.html / "_static/mathjax/output/chtml/fonts/woff-v2"
+    assert len(list(fonts.glob("*.woff"))) > 10, "MathJax's CHTML fonts are not served"
+
+
+def test_no_page_loads_scripts_styles_fonts_or_images_from_another_host(built_book, pages):
+    assert not external_loads(built_book.html, pages)
+
+
+def test_inline_scripts_name_no_other_host(pages):
+    # sphinx-thebe's `const THEBE_JS_URL = "https://unpkg.com/thebe@0.8.2/lib/index.js"` was
+    # one: _config.yml leaves sphinx_thebe out (see the next test).
+    assert not external_script_references(pages)
+
+
+def test_sphinx_extensions_are_jupyter_books_without_thebe():
+    """_config.yml's `sphinx.config.extensions` replaces Jupyter Book's default list: it must
+    keep every default but sphinx_thebe, and every extension of `sphinx.extra_extensions`."""
+    from jupyter_book.config import get_default_sphinx_config, get_final_config
+
+    config, _ = get_final_config(user_yaml=ROOT / "_config.yml", sourcedir=ROOT,
+                                 cli_config={"latex_individualpages": False})
+    extensions = config["extensions"]
+    extra = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"].get(
+        "extra_extensions", [])
+    assert "sphinx_thebe" not in extensions
+    wanted = [e for e in get_default_sphinx_config()["extensions"] if e != "sphinx_thebe"]
+    assert [e for e in extensions if e in wanted] == wanted
+    assert not [e for e in [*extra, "sphinxcontrib.bibtex"] if e not in extensions]
+
+
+def test_internal_links_and_fragments_resolve(built_book, pages):
+    bad, fragments = broken_internal_links(built_book.html, pages)
+    assert not bad, "\n".join(bad[:30])
+    assert fragments > 100  # the sidebars and the in-page tables of contents alone have more
+
+
+def test_the_site_checks_catch_offenders(tmp_path):
+    """The checks above flag each kind of offender on a small made-up site."""
+    (tmp_path / "book").mkdir()
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static/site.css").write_text(
+        "/* url(https://in-a-comment.example) */"
+        " @font-face { src: url('https://fonts.gstatic.com/x.woff2') }"
+        " .a { background: url(\"data:image/svg+xml,<svg xmlns='http://www.w3.org/2000/svg'/>\") }")
+    a = (
+        '<link rel="stylesheet" href="../_static/site.css"><link rel="next" href="b.html">'
+        '<link rel="stylesheet" href="https://fonts.googleapis.com/css?family=Lato">'
+        '<script src="//cdn.example.org/x.js"></script>'
+        '<img srcset="i.png 1x, https://e.org/i.png 2x">'
+        '<div style="background: url(https://e.org/bg.png)"></div>'
+        '<script>const THEBE_JS_URL = "https://unpkg.com/thebe@0.8.2/lib/index.js"</script>'
+        '<script>fetch("https://api.example.com/v1")</script>'
+        '<a href="https://elsewhere.example.org/">a hyperlink is fine</a>'
+        '<a href="b.html#there">ok</a><a href="b.html#nowhere">bad fragment</a>'
+        '<a href="c.html">missing</a><span id="here"></span><a href="#here">ok</a>'
+        '<a href="#gone">bad</a>'
+    )
+    (tmp_path / "book/a.html").write_text(a)
+    (tmp_path / "book/i.png").write_bytes(b"")
+    (tmp_path / "book/b.html").write_text('<p id="there">b</p>')
+    pages = read_site(tmp_path)
+    assert [x.split(" ")[-1] for x in external_loads(tmp_path, pages)] == [
+        "https://fonts.googleapis.com/css?family=Lato", "//cdn.example.org/x.js",
+        "https://e.org/i.png", "https://e.org/bg.png", "https://fonts.gstatic.com/x.woff2"]
+    assert [x.split(" ")[-1] for x in external_script_references(pages)] == [
+        "https://unpkg.com/thebe@0.8.2/lib/index.js", "https://api.example.com/v1"]
+    bad, fragments = broken_internal_links(tmp_path, pages)
+    assert fragments == 4
+    flagged = [re.search(r"<a href> (\S+)", b)[1] for b in bad]
+    assert flagged == ["b.html#nowhere", "c.html", "#gone"]
+
+
+@pytest.mark.parametrize("docname", launch_pages())
+def test_notebook_page_launches_on_the_jupyterhub_with_nbgitpuller(pages, docname):
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    hub = config["launch_buttons"]["jupyterhub_url"].rstrip("/")
+    repo_url = config["repository"]["url"]
+    branch = config["repository"].get("branch", "main")
+    ui = {"jupyterlab": "lab/tree", "classic": "tree"}[
+        config["launch_buttons"].get("notebook_interface", "classic")]
+    source = next(ROOT / f"{docname}{ext}" for ext in (".ipynb", ".md")
+                  if (ROOT / f"{docname}{ext}").exists())
+
+    prefix = f"{hub}/hub/user-redirect/git-pull?"
+    links = [h for h in pages[f"{docname}.html"].anchors if h.startswith(prefix)]
+    assert len(links) == 1, f"{docname}.html has {len(links)} links starting with {prefix}"
+    query = parse_qs(urlsplit(links[0]).query)
+    assert set(query) == {"repo", "urlpath", "branch"}
+    assert query["repo"] == [repo_url] and query["branch"] == [branch]
+    # nbgitpuller clones into a folder named after the repository; the link opens the page's
+    # own notebook inside it.
+    clone = f"{ui}/{PurePosixPath(urlsplit(repo_url).path).name}/"
+    urlpath = query["urlpath"][0]
+    assert urlpath.startswith(clone), urlpath
+    assert posixpath.normpath(urlpath[len(clone):]) == source.relative_to(ROOT).as_posix()

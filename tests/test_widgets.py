@@ -1,0 +1,383 @@
+"""labkit.widgets: panels driven from Python as a student would drive them with the mouse."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+
+import ipywidgets
+import matplotlib
+import pytest
+import torch
+
+from labkit import labs, widgets
+from labkit.train import Callback
+
+matplotlib.use("Agg")
+
+PNG = b"\x89PNG"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tiny smoke model is faster on one thread than on two contended ones.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, data_root):
+    monkeypatch.setenv("LABKIT_DATA", str(data_root))
+    monkeypatch.delenv("LABKIT_PROFILE", raising=False)
+
+
+def lab1_panel(out, **kw):
+    """Lab 1's panel, wired as the notebook wires it, writing into ``out``."""
+    panel = widgets.ExperimentPanel(
+        "Lab 1", controls=labs.lab1_controls(), build_grid=labs.lab1_grid, out_dir=out,
+        validate=labs.lab1_validate, defaults=labs.lab1_defaults, curve_label=labs.lab1_label,
+        profile="smoke", **kw)
+    # Two tiny runs: Adam with eta = 1/2 and eta = 4, two epochs each.
+    panel.set_values(optimizers=("adam",), etas=(0.5, 4.0), epochs=2)
+    return panel
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_default_profile(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert widgets.default_profile() == "smoke"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert widgets.default_profile() == "short"
+    monkeypatch.setenv("LABKIT_PROFILE", "paper")
+    assert widgets.default_profile() == "paper"
+    monkeypatch.setenv("LABKIT_PROFILE", "huge")
+    with pytest.raises(ValueError, match="LABKIT_PROFILE='huge' is not a profile"):
+        widgets.default_profile()
+
+
+def test_an_invalid_profile_variable_is_a_message_not_a_traceback(monkeypatch):
+    monkeypatch.setenv("LABKIT_PROFILE", "huge")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    panel = widgets.ControlPanel("p", {"n": widgets.int_text("n", 1)}, lambda v, p: v)
+    assert panel.profile == "smoke"
+    assert "LABKIT_PROFILE='huge' is not a profile" in panel.messages
+
+
+def test_check_version(capsys):
+    import labkit
+
+    assert widgets.check_version(labkit.__version__) is True
+    assert "the version this notebook was written for" in capsys.readouterr().out
+    assert widgets.check_version("0.0.1") is False
+    out = capsys.readouterr().out
+    assert out.startswith("WARNING: labkit") and "written for labkit 0.0.1" in out
+    with pytest.raises(ValueError, match="expected a version like '0.1.0'"):
+        widgets.check_version("latest")
+    with pytest.raises(TypeError, match="expected must be a version string"):
+        widgets.check_version(1)
+
+
+def test_format_value():
+    assert widgets.format_value(1 / 3) == "1/3"
+    assert widgets.format_value(0.5) == "0.5"
+    assert widgets.format_value(1e-3) == "0.001"
+    assert widgets.format_value(0.1) == "0.1"
+    assert widgets.format_value((0.5, 2.0)) == "0.5, 2"
+    assert widgets.format_value("adam") == "adam"
+
+
+# --------------------------------------------------------------------------- the generic panel
+
+
+def make_panel(calls, **kw):
+    controls = {"lr": widgets.float_text("lr", 0.1), "kind": widgets.dropdown("kind", ["a", "b"]),
+                "etas": widgets.multi_select("eta", [("1/2", 0.5), ("2", 2.0)], (0.5,))}
+
+    def validate(v):
+        msgs = []
+        if v["lr"] <= 0:
+            msgs.append(f"lr must be > 0; got {v['lr']}")
+        if not v["etas"]:
+            msgs.append("choose at least one eta")
+        return msgs
+
+    def task(values, panel):
+        calls.append(values)
+        if values["kind"] == "b":
+            raise RuntimeError("kind b is broken")
+        return len(calls)
+
+    return widgets.ControlPanel("demo", controls, task, validate=validate, profile="smoke",
+                                defaults=lambda p: {"lr": 0.5 if p == "paper" else 0.1}, **kw)
+
+
+def test_invalid_input_shows_a_message_and_runs_nothing():
+    calls = []
+    panel = make_panel(calls)
+    panel.set_values(lr=0.0, etas=())
+    panel.run_button.click()
+    assert calls == []
+    assert "lr must be > 0; got 0.0" in panel.messages
+    assert "choose at least one eta" in panel.messages
+    assert panel.status_text.startswith("not started: invalid settings")
+    assert panel.run() is None and calls == []
+
+
+def test_valid_input_runs_the_task_with_the_knobs():
+    calls = []
+    panel = make_panel(calls)
+    panel.set_values(etas=(2.0, 0.5))
+    panel.run_button.click()
+    assert calls == [{"lr": 0.1, "kind": "a", "etas": (0.5, 2.0), "profile": "smoke"}]
+    assert panel.last_result == 1 and panel.messages == ""
+    assert panel.run(lr=0.3) == 2 and calls[-1]["lr"] == 0.3
+    assert not panel.running and not panel.run_button.disabled and panel.stop_button.disabled
+
+
+def test_profile_change_applies_its_defaults():
+    panel = make_panel([])
+    panel.profile_selector.value = "paper"
+    assert panel.values()["lr"] == 0.5
+    panel.set_values(profile="smoke")
+    assert panel.values()["lr"] == 0.1
+
+
+def test_set_values_errors_name_the_knob():
+    panel = make_panel([])
+    with pytest.raises(ValueError, match="unknown control.*speed.*this panel has lr, kind, etas"):
+        panel.set_values(speed=1)
+    with pytest.raises(ValueError, match="control 'kind' cannot take the value 'c'"):
+        panel.set_values(kind="c")
+    with pytest.raises(ValueError, match="profile must be one of smoke, short, paper"):
+        panel.set_values(profile="fast")
+    # run() with a bad knob shows the message instead of raising.
+    assert panel.run(kind="c") is None
+    assert "control 'kind' cannot take the value 'c'" in panel.messages
+
+
+def test_task_errors_are_shown_and_raised_by_run_only():
+    calls = []
+    panel = make_panel(calls)
+    panel.set_values(kind="b")
+    panel.run_button.click()  # a click never raises
+    assert panel.error == "RuntimeError: kind b is broken"
+    assert "kind b is broken" in panel.messages and panel.status_text == "failed"
+    with pytest.raises(RuntimeError, match="kind b is broken"):
+        panel.run()
+    assert not panel.running
+
+
+def test_stop_while_checking_the_settings_runs_nothing():
+    calls, entered, release = [], threading.Event(), threading.Event()
+
+    def slow_validate(values):
+        entered.set()
+        release.wait(30)
+        return []
+
+    panel = widgets.ControlPanel("t", {"n": widgets.int_text("n", 1)},
+                                 lambda v, p: calls.append(v), validate=slow_validate,
+                                 profile="smoke", background=True)
+    panel.run_button.click()
+    assert entered.wait(30) and panel.running and not panel.stop_button.disabled
+    panel.stop_button.click()
+    release.set()
+    assert panel.wait(30)
+    assert calls == [] and panel.status_text == "stopped before it started"
+    assert not panel.running and not panel.run_button.disabled
+
+
+def test_panel_construction_errors():
+    task = lambda v, p: None  # noqa: E731
+    with pytest.raises(ValueError, match="title must be a non-empty string"):
+        widgets.ControlPanel("", {}, task)
+    with pytest.raises(TypeError, match="control 'n' must be an ipywidgets widget"):
+        widgets.ControlPanel("t", {"n": 3}, task)
+    with pytest.raises(ValueError, match="identifiers other than 'profile'; got 'profile'"):
+        widgets.ControlPanel("t", {"profile": widgets.int_text("p", 1)}, task)
+    with pytest.raises(TypeError, match="task must be callable"):
+        widgets.ControlPanel("t", {}, None)
+    with pytest.raises(ValueError, match="profile must be one of smoke, short, paper; got 'x'"):
+        widgets.ControlPanel("t", {}, task, profile="x")
+    with pytest.raises(TypeError, match="build_grid must be callable"):
+        widgets.ExperimentPanel("t", {}, None, out_dir="x")
+    with pytest.raises(TypeError, match="out_dir must be a folder or a function"):
+        widgets.ExperimentPanel("t", {}, lambda v: [], out_dir=3)
+
+
+def test_show_puts_a_png_in_the_panel():
+    panel = make_panel([])
+    fig = widgets.new_figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    panel.show(fig)
+    assert bytes(panel.figure.value).startswith(PNG)
+    assert isinstance(panel.widget, ipywidgets.VBox)
+    assert "application/vnd.jupyter.widget-view+json" in panel._repr_mimebundle_()
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@pytest.mark.parametrize("knobs,message", [
+    ({"optimizers": ()}, "choose at least one optimizer"),
+    ({"lr": 0.0}, "α (lr of Adam, AMSGrad, RMSProp) must be > 0; got 0.0"),
+    ({"lr": -1e-3}, "must be > 0; got -0.001"),
+    ({"etas": ()}, "choose at least one η for Adam/AMSGrad"),
+    ({"optimizers": ("sgd",), "lr_sgd": 0.0}, "lr of SGD, SHB, NSHB, AdaGrad must be > 0"),
+    ({"batch_size": 0}, "batch size must be an integer >= 1; got 0"),
+    ({"batch_size": 1024}, "batch size 1024 exceeds the 512 training images of cifar10"),
+])
+def test_experiment_panel_rejects_invalid_knobs(tmp_path, knobs, message):
+    panel = lab1_panel(tmp_path / "sweep")
+    panel.set_values(**knobs)
+    panel.run_button.click()
+    assert message in panel.messages
+    assert panel.status_text.startswith("not started")
+    assert not (tmp_path / "sweep").exists()  # nothing ran, nothing was written
+    with pytest.raises(ValueError, match=re.escape(message)):
+        panel.plan()
+
+
+def test_bad_grids_are_messages(tmp_path):
+    def bad_grid(values):
+        return {"base": {"profile": values["profile"]}, "grid": {"learning_rate": [0.1]}}
+
+    panel = widgets.ExperimentPanel("t", {"n": widgets.int_text("n", 1)}, bad_grid,
+                                    out_dir=tmp_path, profile="smoke")
+    panel.run_button.click()
+    assert "unknown grid key 'learning_rate'" in panel.messages
+
+    def raising_grid(values):
+        raise ValueError("n must be even; got 1")
+
+    panel = widgets.ExperimentPanel("t", {"n": widgets.int_text("n", 1)}, raising_grid,
+                                    out_dir=tmp_path, profile="smoke")
+    assert panel.run() is None and "n must be even; got 1" in panel.messages
+
+
+def test_smoke_sweep_runs_reloads_and_shows_its_table(tmp_path):
+    out = tmp_path / "sweep"
+    panel = lab1_panel(out, background=False)
+    panel.set_values(epochs=1)
+    plan = panel.plan()
+    assert list(plan["label"]) == ["Adam η=1/2", "Adam η=4"]
+    assert set(plan["status"]) == {"pending"}
+
+    first = panel.run()
+    assert first.complete and not first.stopped
+    assert [p.status for p in first.points] == ["finished", "finished"]
+    assert not any(p.loaded for p in first.points)
+    assert panel.status_text.startswith("done") and "2 trained" in panel.status_text
+    assert panel.sweep_progress.value == 2 and panel.run_progress.value == 1
+    assert "Adam η=1/2" in panel.table.value and "Adam η=4" in panel.table.value
+    assert bytes(panel.plot.image.value).startswith(PNG)
+    assert [len(pts) for _, pts in panel.plot.series.values()] == [1, 1]
+    results = panel.results
+    assert len(results) == 2 and set(results["status"]) == {"finished"}
+    assert len(panel.history) == 2  # 2 runs x 1 epoch
+
+    # The second run trains nothing: every point is loaded from disk.
+    second = panel.run()
+    assert all(p.loaded for p in second.points)
+    assert "0 trained, 2 loaded from disk" in panel.status_text
+    assert [len(pts) for _, pts in panel.plot.series.values()] == [1, 1]
+    assert [p.result.final["test_acc"] for p in second.points] == \
+        [p.result.final["test_acc"] for p in first.points]
+
+    # A wider grid reuses the finished points and trains only the new one.
+    third = panel.run(etas=(0.5, 2.0, 4.0))
+    assert [p.loaded for p in third.points] == [True, False, True]
+    assert len(panel.results) == 3
+
+
+class _StopAfterFirstEpoch(Callback):
+    def __init__(self, panel):
+        self.panel = panel
+
+    def on_epoch_end(self, state, metrics):
+        if metrics["epoch"] == 1:
+            self.panel.stop()
+
+
+def _run_folders(out: Path) -> list[Path]:
+    return sorted((out / "runs").iterdir())
+
+
+def test_stop_leaves_a_resumable_sweep(tmp_path):
+    out = tmp_path / "sweep"
+    panel = lab1_panel(out)
+    panel._callbacks.append(_StopAfterFirstEpoch(panel))
+    panel.set_values(etas=(0.5,))
+    stopped = panel.run()
+    assert stopped.stopped and stopped.points[0].status == "stopped"
+    assert panel.status_text.startswith("stopped: press Run")
+    (folder,) = _run_folders(out)
+    assert (folder / "checkpoint.pt").exists() and not (folder / "result.json").exists()
+    index = json.loads((out / "index.json").read_text())
+    assert [e["status"] for e in index["points"].values()] == ["stopped"]
+
+    panel._callbacks.clear()
+    resumed = panel.run()
+    (point,) = resumed.points
+    assert point.status == "finished" and point.result.resumed_from == 1
+    assert [m["epoch"] for m in point.result.metrics] == [1, 2]
+    assert (folder / "result.json").exists()
+
+
+class _Gate(Callback):
+    """Holds the run after its first epoch until the test lets it go."""
+
+    def __init__(self):
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def on_epoch_end(self, state, metrics):
+        if metrics["epoch"] == 1:
+            self.reached.set()
+            self.go.wait(30)
+
+
+def test_run_button_runs_in_the_background_and_stop_button_stops(tmp_path):
+    out = tmp_path / "sweep"
+    gate = _Gate()
+    panel = lab1_panel(out, background=True, callbacks=[gate])
+    panel.run_button.click()
+    assert gate.reached.wait(60), "the background run did not reach its first epoch"
+    assert panel.running and panel.run_button.disabled and not panel.stop_button.disabled
+    panel.run_button.click()  # ignored while running
+    panel.stop_button.click()
+    assert panel.status_text == "stopping..."
+    gate.go.set()
+    assert panel.wait(60)
+    assert not panel.running and panel.error is None
+    result = panel.last_result
+    assert result.stopped and [p.status for p in result.points] == ["stopped", "pending"]
+    assert panel.status_text.startswith("stopped")
+    # Resume in the foreground: the stopped run continues, the pending one starts.
+    gate.go.set()
+    resumed = panel.run()
+    assert resumed.complete and resumed.points[0].result.resumed_from == 1
+
+
+def test_runs_table_html_columns():
+    import pandas as pd
+
+    df = pd.DataFrame({"run": ["a", "b"], "status": ["finished", "stopped"], "optimizer": "adam",
+                       "eta": [0.5, 4.0], "epochs_completed": [2, 1], "test_acc": [0.5, None],
+                       "best_test_acc": [0.6, None], "wall_time": [1.0, 0.5]})
+    html = widgets.runs_table_html(df, labels={"a": "Adam η=1/2"})
+    assert "Adam η=1/2" in html and "50.0%" in html and "eta" in html
+    assert "optimizer" not in html  # the same for every run: left out
+    with pytest.raises(ValueError, match="table column\\(s\\) sharpness are not in the results"):
+        widgets.runs_table_html(df, ["status", "sharpness"])
