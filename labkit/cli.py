@@ -97,10 +97,27 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def add_run_options(p: argparse.ArgumentParser, profiles: Sequence[str]) -> None:
+    """The options every training command shares (profile, seed, device, data, ...)."""
+    from labkit.train import PRECISIONS
+
+    p.add_argument("--profile", choices=profiles, default="short")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--compile", action="store_true", help="use torch.compile")
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--data-root", default=None,
+                   help="folder with cifar-10-batches-py / cifar-100-python "
+                   "(default: $LABKIT_DATA or ~/.cache/labkit/data)")
+    p.add_argument("--download", action="store_true",
+                   help="download CIFAR with torchvision when it is missing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from labkit.models import MODEL_NAMES
     from labkit.optim import OPTIMIZER_NAMES
-    from labkit.train import DATASETS, PRECISIONS, PROFILES
+    from labkit.train import DATASETS, PROFILES
 
     parser = argparse.ArgumentParser(
         prog="labkit",
@@ -132,17 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. step:every=40,factor=0.7071 or cosine or poly:power=0.9")
     t.add_argument("--batch-schedule", type=parse_schedule, default=None, metavar="SPEC",
                    help="e.g. step:every=40,factor=2")
-    t.add_argument("--profile", choices=PROFILES, default="short")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    t.add_argument("--precision", choices=PRECISIONS, default="auto")
-    t.add_argument("--compile", action="store_true", help="use torch.compile")
-    t.add_argument("--no-augment", dest="augment", action="store_false")
-    t.add_argument("--data-root", default=None,
-                   help="folder with cifar-10-batches-py / cifar-100-python "
-                   "(default: $LABKIT_DATA or ~/.cache/labkit/data)")
-    t.add_argument("--download", action="store_true",
-                   help="download CIFAR with torchvision when it is missing")
+    add_run_options(t, PROFILES)
     t.add_argument("--out", default=None, help="run folder (config, metrics, checkpoint, result)")
     t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     t.set_defaults(subparser=t)
@@ -371,7 +378,7 @@ def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[
     from labkit.critical import CRITERIA
     from labkit.models import MODEL_NAMES
     from labkit.optim import OPTIMIZER_NAMES
-    from labkit.train import DATASETS, PRECISIONS
+    from labkit.train import DATASETS
 
     sub = c.add_subparsers(dest="critical_command", metavar="measure", title="measuring",
                            description="instead of --sfo / --results: train and measure")
@@ -415,17 +422,7 @@ def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[
                    "profile's epochs)")
     m.add_argument("--check-every", type=_positive_int, default=None, metavar="STEPS",
                    help="with --criterion full: steps between tests (default: once per epoch)")
-    m.add_argument("--profile", choices=profiles, default="short")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    m.add_argument("--precision", choices=PRECISIONS, default="auto")
-    m.add_argument("--compile", action="store_true", help="use torch.compile")
-    m.add_argument("--no-augment", dest="augment", action="store_false")
-    m.add_argument("--data-root", default=None,
-                   help="folder with cifar-10-batches-py / cifar-100-python "
-                   "(default: $LABKIT_DATA or ~/.cache/labkit/data)")
-    m.add_argument("--download", action="store_true",
-                   help="download CIFAR with torchvision when it is missing")
+    add_run_options(m, profiles)
     m.add_argument("--out", required=True, metavar="DIR",
                    help="measurement folder (sfo-b<b>.json per batch size, runs/b<b>/)")
     m.add_argument("--quiet", action="store_true", help="no per-batch-size lines")

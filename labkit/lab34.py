@@ -39,7 +39,8 @@ import torch
 from labkit import critical
 from labkit import noise as lk_noise
 from labkit import widgets as lk_widgets
-from labkit.train import PROFILES, Callback, RunResult, RunState, TrainConfig, atomic_write_json
+from labkit.experiments.results import GRADIENT_STATS_FILE, measure_gradient_stats
+from labkit.train import PROFILES, Callback, RunResult, RunState, TrainConfig
 
 __all__ = [
     "BATCH_SIZES",
@@ -95,8 +96,6 @@ BATCH_SIZES: tuple[int, ...] = tuple(critical.PAPER_VALUES["batch_sizes"])
 DATASETS = {"smoke": "cifar10", "short": "cifar100", "paper": "cifar100"}
 #: File of a run folder with the mini-batch gradient norm of every step (little-endian float32).
 GRAD_NORMS_FILE = "grad-norms.f32"
-#: File of a run folder caching :func:`measure_gradient_stats`.
-GRADIENT_STATS_FILE = "gradient-stats.json"
 
 _C2_SOURCES = {"measured": "measured at your runs' final weights",
                "paper": "the paper's values (ResNet-18, CIFAR-100)"}
@@ -389,105 +388,6 @@ def format_theorem_4_4_table() -> str:
 
 
 # =========================================================================== measured C^2
-
-
-def measure_gradient_stats(
-    run: str | os.PathLike,
-    *,
-    n_images: int = 1024,
-    seed: int = 0,
-    chunk_size: int = 64,
-    device: str = "auto",
-    data: Any = None,
-    cache: bool = True,
-) -> lk_noise.GradientStats:
-    """C^2 and ||grad f||^2 at a run's final weights (:func:`labkit.noise.gradient_variance`).
-
-    Rebuilds the model from the run's ``config.json`` and ``checkpoint.pt`` and takes the
-    per-example gradients of ``n_images`` training images (a fixed random subset, ``seed``),
-    without augmentation, with batch norm in eval mode. ``c2`` is
-    (1/n) sum_i ||grad f_i - grad f||^2 and ``full_grad_norm_sq`` is ||grad f||^2, both over the
-    subset. Seed 004's C^2 bounds the variance at every iterate and K^2 bounds
-    E||grad f(x_t)||^2, so one point gives a lower estimate of each.
-
-    The result is stored in ``<run>/gradient-stats.json`` under its settings and the number of
-    epochs the checkpoint holds; with ``cache`` a stored value is returned without measuring.
-
-    Args:
-        run: the run folder.
-        n_images: images of the training set to average over (>= 2).
-        seed: picks the subset.
-        chunk_size: images per vmapped pass (memory: chunk_size x parameters floats).
-        device: "auto", "cpu" or "cuda".
-        data: the run's :class:`labkit.data.CifarData` if already loaded (sweeps share it).
-        cache: reuse a stored value.
-
-    Raises:
-        FileNotFoundError: the folder has no ``config.json`` or ``checkpoint.pt``.
-        ValueError: bad settings, a diverged run, or more images than the training set holds.
-    """
-    import torch.nn.functional as F
-
-    from labkit import data as lk_data
-    from labkit import models as lk_models
-    from labkit.experiments.sweep import _disk_state
-    from labkit.train import prepare_data, resolve_device
-
-    folder = Path(run)
-    for name in ("config.json", "checkpoint.pt"):
-        if not (folder / name).exists():
-            raise FileNotFoundError(
-                f"{folder / name} does not exist: {folder} is not a run folder with trained "
-                "weights (a sweep's runs/<hash>)"
-            )
-    if not _int_at_least(n_images, 2):
-        raise ValueError(f"n_images must be an integer >= 2 (a variance needs two); "
-                         f"got {n_images!r}")
-    if not _int_at_least(seed, 0):
-        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
-    if not _int_at_least(chunk_size, 1):
-        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
-    cfg = TrainConfig.from_dict(json.loads((folder / "config.json").read_text())).resolved()
-    status, metrics = _disk_state(folder)
-    if status == "diverged":
-        raise ValueError(f"the run in {folder} diverged (non-finite loss): its weights have no "
-                         "meaningful gradient variance")
-    settings = {"n_images": n_images, "seed": seed, "epochs": len(metrics)}
-    store = folder / GRADIENT_STATS_FILE
-    records: list[dict[str, Any]] = []
-    if store.exists():
-        try:
-            records = list(json.loads(store.read_text()).get("records", []))
-        except (json.JSONDecodeError, AttributeError):
-            records = []
-    if cache:
-        for r in records:
-            if r.get("settings") == settings:
-                return lk_noise.GradientStats(**r["stats"])
-
-    dev = resolve_device(device)
-    data = prepare_data(cfg, dev) if data is None else data.to(dev)
-    n = int(data.train_y.shape[0])
-    if n_images > n:
-        raise ValueError(f"n_images={n_images} exceeds the {n} training images of "
-                         f"{cfg.dataset}; use n_images <= {n}")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=gen)[:n_images].to(data.train_x.device)
-    x = lk_data.normalize(data.train_x[idx], data.mean, data.std)
-    y = data.train_y[idx]
-    model = lk_models.build_model(cfg.model, data.num_classes)
-    ckpt = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    model.to(dev)
-    stats = lk_noise.gradient_variance(
-        model, lambda out, t: F.cross_entropy(out.float(), t, reduction="none"), (x, y),
-        chunk_size=chunk_size)
-    records = [r for r in records if r.get("settings") != settings]
-    records.append({"settings": settings, "stats": {
-        "c2": stats.c2, "full_grad_norm_sq": stats.full_grad_norm_sq,
-        "mean_sq_grad_norm": stats.mean_sq_grad_norm, "n": stats.n}})
-    atomic_write_json(store, {"records": records})
-    return stats
 
 
 def gradient_stats_of_sweep(folder: str | os.PathLike, *, runs: Sequence[str] | None = None,

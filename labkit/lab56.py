@@ -597,89 +597,38 @@ def lab6_label(config: TrainConfig) -> str:
     return text + (f" s{config.seed}" if config.seed else "")
 
 
-C2_FILE = "lab6_c2.json"
-
-
-def _epochs_on_disk(folder: Path) -> int:
-    """Finished epochs of a run folder (lines of its metrics.jsonl)."""
-    path = folder / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if line.strip())
-
-
 def _load_run_model(folder: Path, device: Any) -> tuple[Any, Any, Any]:
     """(model with the run's last weights, its resolved config, its data on ``device``)."""
-    import torch
-
-    from labkit import models as lk_models
+    from labkit.experiments.results import _final_model
     from labkit.train import prepare_data
 
     cfg = TrainConfig.from_dict(json.loads((folder / "config.json").read_text())).resolved()
     data = prepare_data(cfg, device)
-    model = lk_models.build_model(cfg.model, data.num_classes)
-    ckpt = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device), cfg, data
+    return _final_model(folder, cfg, data.num_classes, device), cfg, data
 
 
 def lab6_gradient_variance(run: str | Path, *, n_examples: int = 512, seed: int = 0,
                            device: str = "auto", cache: bool = True) -> dict[str, float]:
     """C^2 and ||grad f||^2 at a run's last weights, over ``n_examples`` training images.
 
-    Per-example gradients (:func:`labkit.noise.gradient_variance`, model in eval mode) of the
-    cross-entropy at the weights of ``<run>/checkpoint.pt``, on a fixed random subset
-    (``seed``) of the training split, normalized as in training and not augmented. Returns
-    ``{"c2": C^2, "k2": ||grad f||^2, "n": n_examples}``. Seed 004's C^2 bounds the variance at
-    every iterate of a run; one point gives a lower bound on it, and the end of training is
-    where the noise acted last. The value is cached in ``<run>/lab6_c2.json``.
+    :func:`labkit.experiments.results.measure_gradient_stats` (per-example gradients of the
+    cross-entropy at the weights of ``<run>/checkpoint.pt``, model in eval mode, on a fixed
+    random subset (``seed``) of the training split, normalized as in training and not
+    augmented), as ``{"c2": C^2, "k2": ||grad f||^2, "n": n_examples}``. Seed 004's C^2 bounds
+    the variance at every iterate of a run; one point gives a lower bound on it, and the end of
+    training is where the noise acted last. Cached in ``<run>/gradient-stats.json``.
 
     Raises:
         FileNotFoundError: the folder has no ``config.json`` or ``checkpoint.pt``.
         ValueError: bad ``n_examples``, or more examples than the training split holds.
     """
-    import torch
-    import torch.nn.functional as F
+    from labkit.experiments.results import measure_gradient_stats
 
-    from labkit import data as lk_data
-    from labkit import noise
-    from labkit.train import atomic_write_json, resolve_device
-
-    folder = Path(run)
-    for name in ("config.json", "checkpoint.pt"):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder / name} does not exist: {folder} is not a run "
-                                    "folder with a trained model")
     if not _int_at_least(n_examples, 2):
         raise ValueError(f"n_examples must be an integer >= 2; got {n_examples!r}")
-    settings = {"n_examples": n_examples, "seed": seed, "epochs": _epochs_on_disk(folder)}
-    store = folder / C2_FILE
-    records: list[dict[str, Any]] = []
-    if store.exists():
-        try:
-            records = list(json.loads(store.read_text()).get("records", []))
-        except (json.JSONDecodeError, AttributeError):
-            records = []
-    if cache:
-        for r in records:
-            if r.get("settings") == settings:
-                return dict(r["value"])
-    dev = resolve_device(device)
-    model, _, data = _load_run_model(folder, dev)
-    n = int(data.train_y.shape[0])
-    if n_examples > n:
-        raise ValueError(f"n_examples = {n_examples} exceeds the {n} training images")
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_examples]
-    idx = idx.to(data.train_x.device)
-    xs = lk_data.normalize(data.train_x[idx], data.mean, data.std)
-    stats = noise.gradient_variance(
-        model, lambda out, t: F.cross_entropy(out, t, reduction="none"),
-        (xs, data.train_y[idx]), chunk_size=min(64, n_examples))
-    value = {"c2": float(stats.c2), "k2": float(stats.full_grad_norm_sq), "n": n_examples}
-    records = [r for r in records if r.get("settings") != settings]
-    records.append({"settings": settings, "value": value})
-    atomic_write_json(store, {"records": records})
-    return value
+    stats = measure_gradient_stats(run, n_images=n_examples, seed=seed,
+                                   chunk_size=min(64, n_examples), device=device, cache=cache)
+    return {"c2": float(stats.c2), "k2": float(stats.full_grad_norm_sq), "n": n_examples}
 
 
 _LAB6_COLUMNS = ("run", "optimizer", "lr", "batch_size", "beta", "seed", "status",

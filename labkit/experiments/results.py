@@ -39,9 +39,13 @@ __all__ = [
     "add_delta",
     "load_history",
     "load_results",
+    "measure_gradient_stats",
     "measure_sharpness",
     "sfo_from_history",
 ]
+
+#: File of a run folder caching :func:`measure_gradient_stats`.
+GRADIENT_STATS_FILE = "gradient-stats.json"
 
 #: Config columns, in this order; each optimizer hyperparameter gets a column of its own,
 #: placed after ``seed``.
@@ -372,6 +376,62 @@ SHARPNESS_FILE = "sharpness.json"
 SPLITS = ("train", "test")
 
 
+def _run_folder(run: str | os.PathLike) -> Path:
+    folder = Path(run)
+    for name in ("config.json", "checkpoint.pt"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(
+                f"{folder / name} does not exist: {folder} is not a run folder with a trained "
+                "model (labkit train --out / a sweep's runs/<hash>)"
+            )
+    return folder
+
+
+def _finished_epochs(folder: Path, what: str) -> int:
+    """Epochs the run's checkpoint holds; a diverged run has no weights worth measuring."""
+    status, metrics = _disk_state(folder)
+    if status == "diverged":
+        raise ValueError(f"the run in {folder} diverged (non-finite loss): its weights have no "
+                         f"meaningful {what}")
+    return len(metrics)
+
+
+def _cached(store: Path, settings: Mapping[str, Any],
+            key: str) -> tuple[list[dict[str, Any]], Any]:
+    """(every record of a run's measurement file, the value stored under ``settings`` or None).
+
+    A measurement file holds ``{"records": [{"settings": {...}, key: value}, ...]}``; the
+    settings include the number of epochs the checkpoint held, so a resumed run is measured anew.
+    """
+    records: list[dict[str, Any]] = []
+    if store.exists():
+        try:
+            records = list(json.loads(store.read_text()).get("records", []))
+        except (json.JSONDecodeError, AttributeError):
+            records = []
+    found = next((r[key] for r in records if r.get("settings") == settings and key in r), None)
+    return records, found
+
+
+def _store(store: Path, records: list[dict[str, Any]], settings: Mapping[str, Any], key: str,
+           value: Any) -> None:
+    records = [r for r in records if r.get("settings") != settings]
+    records.append({"settings": dict(settings), key: value})
+    atomic_write_json(store, {"records": records})
+
+
+def _final_model(folder: Path, cfg: TrainConfig, num_classes: int, device: Any) -> Any:
+    """The run's model with the weights of its last checkpoint, on ``device``."""
+    import torch
+
+    from labkit import models as lk_models
+
+    model = lk_models.build_model(cfg.model, num_classes)
+    ckpt = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
 def measure_sharpness(
     run: str | os.PathLike,
     *,
@@ -407,17 +467,10 @@ def measure_sharpness(
     import torch.nn.functional as F
 
     from labkit import data as lk_data
-    from labkit import models as lk_models
     from labkit.sharpness import adaptive_sharpness
     from labkit.train import prepare_data, resolve_device
 
-    folder = Path(run)
-    for name in ("config.json", "checkpoint.pt"):
-        if not (folder / name).exists():
-            raise FileNotFoundError(
-                f"{folder / name} does not exist: {folder} is not a run folder with a trained "
-                "model (labkit train --out / a sweep's runs/<hash>)"
-            )
+    folder = _run_folder(run)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     for name, value in (("n_batches", n_batches), ("n_iters", n_iters)):
@@ -431,26 +484,15 @@ def measure_sharpness(
     if data_root is not None:
         cfg.data_root = str(data_root)
     cfg = cfg.resolved()
-    status, metrics = _disk_state(folder)
-    if status == "diverged":
-        raise ValueError(
-            f"the run in {folder} diverged (non-finite loss): its weights have no sharpness"
-        )
+    epochs = _finished_epochs(folder, "sharpness")
     bs = batch_size or cfg.batch_size
     settings = {"rho": float(rho), "norm": norm, "adaptive": bool(adaptive),
                 "n_batches": n_batches, "batch_size": bs, "split": split, "n_iters": n_iters,
-                "seed": seed, "epochs": len(metrics)}
+                "seed": seed, "epochs": epochs}
     store = folder / SHARPNESS_FILE
-    records: list[dict[str, Any]] = []
-    if store.exists():
-        try:
-            records = list(json.loads(store.read_text()).get("records", []))
-        except (json.JSONDecodeError, AttributeError):
-            records = []
-    if cache:
-        for r in records:
-            if r.get("settings") == settings:
-                return float(r["sharpness"])
+    records, found = _cached(store, settings, "sharpness")
+    if cache and found is not None:
+        return float(found)
 
     dev = resolve_device(device)
     data = prepare_data(cfg, dev)
@@ -468,13 +510,85 @@ def measure_sharpness(
     ys = y[idx]
     batches = [(xs[i * bs:(i + 1) * bs], ys[i * bs:(i + 1) * bs]) for i in range(n_batches)]
 
-    model = lk_models.build_model(cfg.model, data.num_classes)
-    ckpt = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    model.to(dev)
+    model = _final_model(folder, cfg, data.num_classes, dev)
     value = float(adaptive_sharpness(model, lambda out, t: F.cross_entropy(out, t), batches,
                                      rho, norm=norm, adaptive=adaptive, n_iters=n_iters))
-    records = [r for r in records if r.get("settings") != settings]
-    records.append({"settings": settings, "sharpness": value})
-    atomic_write_json(store, {"records": records})
+    _store(store, records, settings, "sharpness", value)
     return value
+
+
+def measure_gradient_stats(
+    run: str | os.PathLike,
+    *,
+    n_images: int = 1024,
+    seed: int = 0,
+    chunk_size: int = 64,
+    device: str = "auto",
+    data: Any = None,
+    cache: bool = True,
+) -> Any:
+    """C^2 and ||grad f||^2 at a run's final weights (:func:`labkit.noise.gradient_variance`).
+
+    Rebuilds the model from the run's ``config.json`` and ``checkpoint.pt`` and takes the
+    per-example gradients of ``n_images`` training images (a fixed random subset, ``seed``),
+    without augmentation, with batch norm in eval mode. ``c2`` is
+    (1/n) sum_i ||grad f_i - grad f||^2 and ``full_grad_norm_sq`` is ||grad f||^2, both over the
+    subset. Seed 004's C^2 bounds the variance at every iterate and K^2 bounds
+    E||grad f(x_t)||^2, so one point gives a lower estimate of each (book chapter 8).
+
+    The result is stored in ``<run>/gradient-stats.json`` under its settings and the number of
+    epochs the checkpoint holds; with ``cache`` a stored value is returned without measuring.
+
+    Args:
+        run: the run folder.
+        n_images: images of the training set to average over (>= 2).
+        seed: picks the subset.
+        chunk_size: images per vmapped pass (memory: chunk_size x parameters floats).
+        device: "auto", "cpu" or "cuda".
+        data: the run's :class:`labkit.data.CifarData` if already loaded (sweeps share it).
+        cache: reuse a stored value.
+
+    Returns:
+        a :class:`labkit.noise.GradientStats`.
+
+    Raises:
+        FileNotFoundError: the folder has no ``config.json`` or ``checkpoint.pt``.
+        ValueError: bad settings, a diverged run, or more images than the training set holds.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from labkit import data as lk_data
+    from labkit import noise as lk_noise
+    from labkit.train import prepare_data, resolve_device
+
+    folder = _run_folder(run)
+    for name, value, low in (("n_images", n_images, 2), ("seed", seed, 0),
+                             ("chunk_size", chunk_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    cfg = TrainConfig.from_dict(json.loads((folder / "config.json").read_text())).resolved()
+    settings = {"n_images": n_images, "seed": seed,
+                "epochs": _finished_epochs(folder, "gradient variance")}
+    store = folder / GRADIENT_STATS_FILE
+    records, found = _cached(store, settings, "stats")
+    if cache and found is not None:
+        return lk_noise.GradientStats(**found)
+
+    dev = resolve_device(device)
+    data = prepare_data(cfg, dev) if data is None else data.to(dev)
+    n = int(data.train_y.shape[0])
+    if n_images > n:
+        raise ValueError(f"n_images={n_images} exceeds the {n} training images of "
+                         f"{cfg.dataset}; use n_images <= {n}")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=gen)[:n_images].to(data.train_x.device)
+    x = lk_data.normalize(data.train_x[idx], data.mean, data.std)
+    model = _final_model(folder, cfg, data.num_classes, dev)
+    stats = lk_noise.gradient_variance(
+        model, lambda out, t: F.cross_entropy(out.float(), t, reduction="none"),
+        (x, data.train_y[idx]), chunk_size=chunk_size)
+    _store(store, records, settings, "stats", {
+        "c2": stats.c2, "full_grad_norm_sq": stats.full_grad_norm_sq,
+        "mean_sq_grad_norm": stats.mean_sq_grad_norm, "n": stats.n})
+    return stats
