@@ -60,6 +60,7 @@ __all__ = [
     "DatasetError",
     "augment",
     "crop_flip",
+    "dataset_folder",
     "default_data_root",
     "iterate_batches",
     "load_cifar",
@@ -166,6 +167,18 @@ def _spec(name: str) -> _Spec:
     if not isinstance(name, str) or name not in _SPECS:
         raise ValueError(f"unknown dataset name={name!r}; valid names: {', '.join(DATASET_NAMES)}")
     return _SPECS[name]
+
+
+def dataset_folder(root: str | os.PathLike, name: str) -> Path:
+    """The folder of dataset ``name`` under ``root`` in the official layout (it may not exist).
+
+    ``<root>/cifar-10-batches-py`` for ``"cifar10"``, ``<root>/cifar-100-python`` for
+    ``"cifar100"``.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`DATASET_NAMES`.
+    """
+    return Path(root).expanduser() / _spec(name).folder
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -681,7 +694,7 @@ def make_fake_cifar(
         raise ValueError(f"n_train={n_train} and n_test={n_test} must both be at least 1")
     if seed < 0:
         raise ValueError(f"seed={seed} must be a non-negative integer")
-    folder = Path(root).expanduser() / spec.folder
+    folder = dataset_folder(root, name)
     _check_not_real(folder, spec)
     folder.mkdir(parents=True, exist_ok=True)
 

@@ -60,3 +60,54 @@ def test_bench_gpu_without_cuda_says_so(capsys):
         pytest.skip("CUDA is present: bench_gpu measures for real there (see benchmarks/)")
     assert load("bench_gpu").main([]) == {}
     assert "no CUDA" in capsys.readouterr().out
+
+
+def test_bench_labs_plan_counts_what_the_defaults_train():
+    """The short plan, checked against the labs' documented defaults by hand arithmetic."""
+    out = load("bench_labs").main(["--plan", "--profile", "short", "--labs", "lab2", "lab3",
+                                   "lab5"])
+    plans = {p["lab"]: p for p in out["plan"]}
+    assert "rows" not in out  # --plan trains nothing
+    assert plans["lab2_seeing_smoothing"]["runs"] == 0  # toy functions only
+    lab3 = plans["lab3_critical_batch"]  # 3 optimizers x 5 batch sizes, 15 epochs
+    assert (lab3["runs"], lab3["epochs"]) == (15, 225)
+    assert lab3["epochs_by_batch"] == {128: 45, 256: 45, 512: 45, 1024: 45, 2048: 45}
+    assert lab3["steps"] == 45 * (391 + 196 + 98 + 49 + 25)  # ceil(50000 / b) per epoch
+    assert lab3["models"] == ["resnet18"]
+    lab5 = plans["lab5_implicit_graduated"]  # five 20-epoch runs; b doubles in two of them
+    assert (lab5["runs"], lab5["epochs"]) == (5, 100)
+    assert sum(lab5["epochs_by_batch"].values()) == 100 and max(lab5["epochs_by_batch"]) > 32
+
+
+def test_bench_labs_names_a_bad_lab_or_timeout(capsys):
+    bench = load("bench_labs")
+    for argv, needle in ((["--labs", "lab9"], "'lab9' matches no lab"),
+                         (["--labs", "lab"], "'lab' matches 6 labs"),
+                         (["--timeout", "-3"], "positive number of seconds; got '-3'")):
+        with pytest.raises(SystemExit):
+            bench.main(["--plan", *argv])
+        assert needle in capsys.readouterr().err
+
+
+def test_bench_labs_times_a_lab_and_its_reload(tmp_path):
+    """Lab 1 in the smoke profile: trains its 6 runs, then the re-run loads them all."""
+    out = load("bench_labs").main(["--profile", "smoke", "--labs", "lab1",
+                                   "--workdir", str(tmp_path), "--json",
+                                   str(tmp_path / "times.json")])
+    (row,) = out["rows"]
+    assert (row["status"], row["rerun_status"]) == ("ok", "ok"), row["detail"]
+    assert row["runs_on_disk"] == out["plan"][0]["runs"] == 6
+    assert row["first_s"] > 0 and row["rerun_s"] > 0
+    assert __import__("json").loads((tmp_path / "times.json").read_text())["rows"] == [row]
+
+
+def test_bench_labs_reports_a_failing_cell(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                         nbformat.v4.new_code_cell("raise ValueError('boom')")])
+    path = tmp_path / "broken.ipynb"
+    nbformat.write(nb, path)
+    status, seconds, detail = load("bench_labs").execute(path, timeout=60)
+    assert status == "error" and seconds > 0
+    assert detail == f"cell 1 ({nb.cells[1].id}): ValueError: boom"

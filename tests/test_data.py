@@ -775,3 +775,12 @@ def test_normalize_argument_errors():
         normalize(x, (0.5,) * 3, (0.2,) * 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="shape"):
         normalize(torch.zeros(4, 4, dtype=torch.uint8), (0.5,), (0.2,))
+
+
+def test_dataset_folder_is_where_the_files_go(tmp_path):
+    from labkit.data import dataset_folder
+
+    for name in ("cifar10", "cifar100"):
+        assert dataset_folder(tmp_path, name) == make_fake_cifar(tmp_path, name, 8, 4)
+    with pytest.raises(ValueError, match="unknown dataset name='mnist'; valid names: cifar10"):
+        dataset_folder(tmp_path, "mnist")

@@ -1,0 +1,269 @@
+"""Benchmark: each lab notebook run top to bottom ("Run All") in one profile, and its re-run.
+
+    python benchmarks/bench_labs.py                       # every lab, short profile on CUDA
+    python benchmarks/bench_labs.py --labs lab3 lab6 --profile short --timeout 3000
+    python benchmarks/bench_labs.py --plan                # what each lab's defaults would train
+
+Each lab executes in a fresh kernel (nbclient) with ``LABKIT_PROFILE``, ``LABKIT_DATA`` and
+``LABKIT_RESULTS`` set, as a student's *Run All* on a hub would, and no widget touched. Outside
+the smoke profile the data are CIFAR-format files that :func:`labkit.data.make_fake_cifar`
+writes at CIFAR's full size (50,000 training and 10,000 test images) into ``<workdir>/data``,
+unless that folder already holds the real sets; the smoke profile generates its own tiny set.
+
+Printed per lab: the wall time of the first execution (it trains), of a second execution of the
+same notebook (it must load every finished run instead of training it again), their ratio (the
+baseline measured in the same invocation), and how many runs are on disk. A lab that hits
+``--timeout`` or fails is reported as such and the next lab goes on; its finished epochs are
+checkpointed, so invoking the script again with the same ``--workdir`` resumes it.
+
+``--plan`` trains nothing: for each lab it lists the runs, epochs and optimizer steps that its
+default knobs in the profile ask for, with the epochs per batch size (the GPU time of a ResNet
+epoch depends mostly on the batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+LABS_DIR = ROOT / "labs"
+#: Where the panel of each lab that trains gets its knobs and runs: (module, function prefix).
+LAB_GRIDS = {
+    "lab1_optimizer_zoo": ("labkit.labs", "lab1"),
+    "lab3_critical_batch": ("labkit.lab34", "lab3"),
+    "lab4_smoothing_generalization": ("labkit.lab34", "lab4"),
+    "lab5_implicit_graduated": ("labkit.lab56", "lab5"),
+    "lab6_sharpness": ("labkit.lab56", "lab6"),
+}
+FULL_SIZE = {"n_train": 50_000, "n_test": 10_000}
+
+
+def lab_paths() -> dict[str, Path]:
+    """The lab notebooks in ``labs/``, by name (file stem)."""
+    return {p.stem: p for p in sorted(LABS_DIR.glob("*.ipynb"))}
+
+
+def select_labs(names: list[str] | None) -> list[str]:
+    """Lab names from full names or unique prefixes (``lab3``); all labs for ``None``.
+
+    Raises:
+        ValueError: a name that matches no lab, or more than one.
+    """
+    known = list(lab_paths())
+    if not names:
+        return known
+    out = []
+    for name in names:
+        hits = [k for k in known if k == name] or [k for k in known if k.startswith(name)]
+        if len(hits) != 1:
+            what = "matches no lab" if not hits else f"matches {len(hits)} labs"
+            raise ValueError(f"lab {name!r} {what}; valid: {', '.join(known)} (or a unique "
+                             f"prefix such as 'lab3')")
+        out.append(hits[0])
+    return list(dict.fromkeys(out))
+
+
+def lab_plan(lab: str, profile: str) -> dict[str, Any]:
+    """Runs, epochs and steps that ``lab``'s default knobs in ``profile`` train.
+
+    A lab that trains nothing (lab 2) has ``runs == 0``. ``epochs_by_batch`` maps a batch size
+    to the epochs trained at it, summed over runs (a batch-size schedule spreads one run's
+    epochs over several batch sizes).
+    """
+    from labkit import schedules
+    from labkit.train import SMOKE_SIZES
+
+    plan = {"lab": lab, "profile": profile, "runs": 0, "epochs": 0, "steps": 0,
+            "epochs_by_batch": {}, "datasets": [], "models": []}
+    if lab not in LAB_GRIDS:
+        return plan
+    module, prefix = LAB_GRIDS[lab]
+    mod = importlib.import_module(module)
+    values = {**getattr(mod, f"{prefix}_defaults")(profile), "profile": profile}
+    n_train = SMOKE_SIZES["n_train"] if profile == "smoke" else FULL_SIZE["n_train"]
+    by_batch: Counter[int] = Counter()
+    for config in getattr(mod, f"{prefix}_grid")(values):
+        cfg = config.resolved()
+        for b in schedules.batch_sizes(cfg.batch_schedule, cfg.batch_size, cfg.epochs):
+            by_batch[b] += 1
+            plan["steps"] += math.ceil(n_train / b)
+        plan["runs"] += 1
+        plan["epochs"] += cfg.epochs
+        plan["datasets"] = sorted({*plan["datasets"], cfg.dataset})
+        plan["models"] = sorted({*plan["models"], cfg.model})
+    plan["epochs_by_batch"] = dict(sorted(by_batch.items()))
+    return plan
+
+
+def ensure_data(root: Path, profile: str) -> str:
+    """CIFAR-format data for ``profile`` under ``root``; what was found or generated."""
+    from labkit.data import DATASET_NAMES, dataset_folder, make_fake_cifar
+
+    if profile == "smoke":
+        return "generated by the smoke profile (tiny)"
+    made = []
+    for name in DATASET_NAMES:
+        if not dataset_folder(root, name).is_dir():
+            make_fake_cifar(root, name, seed=0, **FULL_SIZE)
+            made.append(name)
+    return ("generated CIFAR-format data, full size" if made
+            else f"found in {root} (real or generated earlier)")
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"cpu ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def execute(path: Path, timeout: float) -> tuple[str, float, str]:
+    """Run the notebook at ``path`` top to bottom in a fresh kernel: (status, seconds, detail).
+
+    ``status`` is ``ok``, ``timeout`` (a cell ran longer than ``timeout`` seconds) or ``error``;
+    ``detail`` names the failing cell and the exception.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    t0 = time.perf_counter()
+    try:
+        client.execute()
+    except CellTimeoutError as e:
+        return "timeout", time.perf_counter() - t0, str(e).splitlines()[0]
+    except CellExecutionError as e:
+        where = next((f"cell {i} ({c.get('id', '?')})" for i, c in enumerate(nb.cells)
+                      if any(o.get("output_type") == "error" for o in c.get("outputs", []))),
+                     "a cell")
+        return "error", time.perf_counter() - t0, f"{where}: {e.ename}: {e.evalue}"
+    return "ok", time.perf_counter() - t0, ""
+
+
+def _runs_on_disk(results: Path, lab: str, profile: str) -> int:
+    return sum(1 for _ in (results / lab / profile).rglob("result.json"))
+
+
+def bench_lab(lab: str, profile: str, workdir: Path, timeout: float) -> dict[str, Any]:
+    """Execute ``lab`` twice in ``profile``; the times and statuses of both executions."""
+    env = {"LABKIT_PROFILE": profile, "LABKIT_DATA": str(workdir / "data"),
+           "LABKIT_RESULTS": str(workdir / "results"), "PYTHONUNBUFFERED": "1"}
+    saved = {k: os.environ.get(k) for k in (*env, "MPLBACKEND")}
+    os.environ.update(env)
+    os.environ.pop("MPLBACKEND", None)  # the notebooks pick the inline backend themselves
+    try:
+        path = lab_paths()[lab]
+        status, first, detail = execute(path, timeout)
+        row = {"lab": lab, "profile": profile, "status": status, "first_s": first,
+               "detail": detail, "rerun_s": None, "rerun_status": None}
+        if status == "ok":
+            row["rerun_status"], row["rerun_s"], rerun_detail = execute(path, timeout)
+            row["detail"] = rerun_detail
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    row["runs_on_disk"] = _runs_on_disk(workdir / "results", lab, profile)
+    return row
+
+
+def _fmt_s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def print_plan(plans: list[dict[str, Any]]) -> None:
+    print("| lab | runs | epochs | steps | epochs per batch size | model |")
+    print("|---|---|---|---|---|---|")
+    for p in plans:
+        by_b = " ".join(f"b{b}:{n}" for b, n in p["epochs_by_batch"].items()) or "-"
+        print(f"| {p['lab']} | {p['runs']} | {p['epochs']} | {p['steps']} | {by_b} | "
+              f"{', '.join(p['models']) or '-'} |")
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    print("| lab | status | runs on disk | first run (s) | re-run (s) | re-run / first |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = (f"{r['rerun_s'] / r['first_s']:.3f}"
+                 if r["rerun_s"] is not None and r["first_s"] > 0 else "-")
+        status = r["status"] if r["rerun_status"] in (None, "ok") else \
+            f"re-run {r['rerun_status']}"
+        print(f"| {r['lab']} | {status} | {r['runs_on_disk']} | {_fmt_s(r['first_s'])} | "
+              f"{_fmt_s(r['rerun_s'])} | {ratio} |")
+    for r in rows:
+        if r["detail"]:
+            print(f"  {r['lab']}: {r['detail']}")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds; got {text!r}")
+    return v
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from labkit.train import PROFILES, atomic_write_json
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default=None, choices=PROFILES,
+                   help="default: short with CUDA, smoke without")
+    p.add_argument("--labs", nargs="+", default=None, metavar="LAB",
+                   help="lab names or unique prefixes (lab1 ... lab6); default: all")
+    p.add_argument("--workdir", type=Path,
+                   default=Path(tempfile.gettempdir()) / "labkit-bench-labs",
+                   help="holds data/ and results/; reuse it to resume or to re-time re-runs")
+    p.add_argument("--timeout", type=_positive_float, default=3600.0,
+                   help="seconds one cell may run before the lab counts as timed out")
+    p.add_argument("--plan", action="store_true", help="only list what each lab would train")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
+    args = p.parse_args(argv)
+    try:
+        labs = select_labs(args.labs)
+    except ValueError as e:
+        p.error(str(e))
+    if args.profile is None:
+        import torch
+
+        args.profile = "short" if torch.cuda.is_available() else "smoke"
+
+    plans = [lab_plan(lab, args.profile) for lab in labs]
+    out: dict[str, Any] = {"profile": args.profile, "plan": plans}
+    print(f"profile {args.profile}; labs: {', '.join(labs)}")
+    print_plan(plans)
+    if not args.plan:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        out["device"] = _device()
+        out["data"] = ensure_data(args.workdir / "data", args.profile)
+        print(f"device {out['device']}; data: {out['data']}; workdir {args.workdir}")
+        rows = []
+        for lab in labs:
+            print(f"running {lab} ...", flush=True)
+            rows.append(bench_lab(lab, args.profile, args.workdir, args.timeout))
+        out["rows"] = rows
+        print_rows(rows)
+    if args.json is not None:
+        atomic_write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if all(r["status"] == "ok" for r in main().get("rows", [])) else 1)
