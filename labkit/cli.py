@@ -429,15 +429,21 @@ def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[
     m.set_defaults(subparser=m, critical_command="measure")
 
 
-def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from labkit.data import DatasetError
-    from labkit.train import Callback, TrainConfig, train
-
+def _hparams(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The ``--set KEY=VALUE`` pairs as a dict; a key given twice is an error."""
     hparams: dict[str, Any] = {}
     for key, value in args.hparams:
         if key in hparams:
             parser.error(f"--set {key} given twice")
         hparams[key] = value
+    return hparams
+
+
+def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from labkit.data import DatasetError
+    from labkit.train import Callback, TrainConfig, train
+
+    hparams = _hparams(args, parser)
     config = TrainConfig(
         dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
         batch_size=args.batch_size, epochs=args.epochs, hparams=hparams,
@@ -783,11 +789,7 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
     if args.check_every is not None and args.criterion != "full":
         parser.error("--check-every applies to --criterion full only (the minibatch test is "
                      "applied at every step)")
-    hparams: dict[str, Any] = {}
-    for key, value in args.hparams:
-        if key in hparams:
-            parser.error(f"--set {key} given twice")
-        hparams[key] = value
+    hparams = _hparams(args, parser)
     config = TrainConfig(
         dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
         hparams=hparams, weight_decay=args.weight_decay, seed=args.seed, device=args.device,

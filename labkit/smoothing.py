@@ -307,6 +307,17 @@ def _chunks(n: int, batch: int, d: int, budget: int = 1 << 22) -> list[tuple[int
     return [(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def _mean_and_stderr(total: Tensor, total_sq: Tensor, n: int,
+                     return_std: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """The mean of n samples from their sum and sum of squares, and its standard error
+    (the unbiased sample variance over n; 0 when n = 1) when ``return_std``."""
+    mean = total / n
+    if not return_std:
+        return mean
+    var = (total_sq / n - mean.square()).clamp_min(0) * n / max(1, n - 1)
+    return mean, (var / n).sqrt()
+
+
 def smooth(
     f: Function,
     x: Tensor,
@@ -334,11 +345,7 @@ def smooth(
         total = total + vals.sum(-1)
         if return_std:
             total_sq = total_sq + vals.square().sum(-1)
-    mean = total / n_samples
-    if not return_std:
-        return mean
-    var = (total_sq / n_samples - mean.square()).clamp_min(0) * n_samples / max(1, n_samples - 1)
-    return mean, (var / n_samples).sqrt()
+    return _mean_and_stderr(total, total_sq, n_samples, return_std)
 
 
 def smooth_grad(
@@ -395,11 +402,7 @@ def smooth_grad(
         total = total + g.sum(-2)
         if return_std:
             total_sq = total_sq + g.square().sum(-2)
-    mean = total / n_samples
-    if not return_std:
-        return mean
-    var = (total_sq / n_samples - mean.square()).clamp_min(0) * n_samples / max(1, n_samples - 1)
-    return mean, (var / n_samples).sqrt()
+    return _mean_and_stderr(total, total_sq, n_samples, return_std)
 
 
 # ------------------------------------------------------------------- the book's figure

@@ -56,3 +56,34 @@ def built_book(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltBook]:
                     + "\n".join(log.splitlines()[-40:]), pytrace=False)
     yield BuiltBook(html=html, log=log, returncode=proc.returncode)
     shutil.rmtree(out, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the tiny smoke model in a test module.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a whole module: the tiny smoke model trains faster on one thread
+    than on two contended ones (a module opts in with ``pytest.mark.usefixtures``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lab_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty data folder per module, which the smoke profile fills with generated data."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def lab_data_env(monkeypatch: pytest.MonkeyPatch, lab_data_root: Path) -> Path:
+    """``LABKIT_DATA`` set to the module's :func:`lab_data_root`; ``LABKIT_PROFILE`` unset."""
+    monkeypatch.setenv("LABKIT_DATA", str(lab_data_root))
+    monkeypatch.delenv("LABKIT_PROFILE", raising=False)
+    return lab_data_root

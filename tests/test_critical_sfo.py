@@ -34,15 +34,9 @@ from labkit.data import load_cifar, make_fake_cifar, normalize
 from labkit.noise import full_gradient
 from labkit.train import Callback, RunResult, RunState, TrainConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N_TRAIN = 64  # small generated CIFAR-10 training set: an epoch of the tiny CNN is ~0.1 s
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +112,7 @@ def drive(cb, norms, *, n_train, batch_size, status="finished"):
                                                                                math.inf]))),
     draw=st.data(),
 )
+
 def test_minibatch_T_is_exact_for_any_sequence(norms, eps, sync_every, n_train, min_epochs,
                                                bad, draw):
     b = draw.draw(st.integers(1, n_train), label="batch_size")

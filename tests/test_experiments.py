@@ -10,7 +10,6 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
-import torch
 
 from labkit import critical, noise
 from labkit.data import make_fake_cifar
@@ -37,18 +36,11 @@ from labkit.experiments import (
 from labkit.experiments.sweep import summarize_metrics
 from labkit.train import SMOKE_SIZES, Callback, TrainConfig, config_hash
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 matplotlib.use("Agg")
 
 N_TRAIN, N_TEST = 64, 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model is faster on one thread than on two contended ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -21,18 +21,11 @@ from labkit import critical, lab34, noise, widgets
 from labkit.experiments import load_history, run_sweep, sfo_from_history
 from labkit.train import Callback, TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 matplotlib.use("Agg")
 
 PNG = b"\x89PNG"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny smoke model is faster on one thread than on two contended ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -485,5 +478,10 @@ def test_lab4_panel_constants_and_figure(sweep):
     labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in
               ax.get_legend().get_texts()]
     assert "paper: best δ ≈ 0.2-1" in labels and "paper: SHB (C²=25.318)" in labels
+    # Outside the smoke profile the accuracy axes also carry the paper's accuracy bands.
+    fig = lab34.lab4_figure(results, {**panel.values(), "profile": "short"}, paper)
+    short = {t.get_text() for ax in fig.axes if ax.get_legend()
+             for t in ax.get_legend().get_texts()}
+    assert {"paper: high (70-100%)", "paper: intermediate (65-70%)"} <= short - set(labels)
     with pytest.raises(ValueError, match="no finished runs"):
         lab34.lab4_figure(results.iloc[:0], panel.values(), paper)

@@ -24,29 +24,12 @@ from labkit.experiments.results import GRADIENT_STATS_FILE
 from labkit.sharpness import adaptive_sharpness
 from labkit.train import PROFILES, TrainConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "lab_data_env")
+
 matplotlib.use("Agg")
 
 PNG = b"\x89PNG"
 SQRT_HALF = 2.0**-0.5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, data_root):
-    monkeypatch.setenv("LABKIT_DATA", str(data_root))
-    monkeypatch.delenv("LABKIT_PROFILE", raising=False)
 
 
 def lab5_values(profile="smoke", **kw):
@@ -326,10 +309,10 @@ def test_lab6_tiny_net_rescaling_keeps_the_function_and_the_adaptive_sharpness()
 
 
 @pytest.fixture(scope="module")
-def lab6_sweep(tmp_path_factory, data_root):
+def lab6_sweep(tmp_path_factory, lab_data_root):
     """SGD and SHB, one epoch each on the smoke data, as the lab's grid builds them."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("LABKIT_DATA", str(data_root))
+    mp.setenv("LABKIT_DATA", str(lab_data_root))
     out = tmp_path_factory.mktemp("lab6") / "sweep"
     v = lab6_values(optimizers=("sgd", "shb"), lrs=(0.05,), batch_sizes=(32,), epochs=1)
     run_sweep(lab56.lab6_grid(v), out, progress=False)

@@ -15,29 +15,11 @@ import torch
 from labkit import labs, widgets
 from labkit.train import Callback
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "lab_data_env")
+
 matplotlib.use("Agg")
 
 PNG = b"\x89PNG"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny smoke model is faster on one thread than on two contended ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, data_root):
-    monkeypatch.setenv("LABKIT_DATA", str(data_root))
-    monkeypatch.delenv("LABKIT_PROFILE", raising=False)
 
 
 def lab1_panel(out, **kw):
@@ -294,6 +276,15 @@ def test_smoke_sweep_runs_reloads_and_shows_its_table(tmp_path):
     assert [len(pts) for _, pts in panel.plot.series.values()] == [1, 1]
     assert [p.result.final["test_acc"] for p in second.points] == \
         [p.result.final["test_acc"] for p in first.points]
+
+    # The figure of the notebook; outside the smoke profile with the reference accuracy.
+    def legend(fig):
+        return {t.get_text() for ax in fig.axes if ax.get_legend()
+                for t in ax.get_legend().get_texts()}
+
+    assert labs.LAB1_REFERENCE["label"] not in legend(labs.lab1_figure(panel.history))
+    for profile in ("short", "paper"):
+        assert labs.LAB1_REFERENCE["label"] in legend(labs.lab1_figure(panel.history, profile))
 
     # A wider grid reuses the finished points and trains only the new one.
     third = panel.run(etas=(0.5, 2.0, 4.0))
