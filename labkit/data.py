@@ -62,6 +62,7 @@ __all__ = [
     "crop_flip",
     "dataset_folder",
     "default_data_root",
+    "is_generated",
     "iterate_batches",
     "load_cifar",
     "make_fake_cifar",
@@ -488,9 +489,9 @@ def load_cifar(
     if download:
         _download(spec, root)
     fixes = (
-        "Fix it in one of two ways: pass download=True (command line: --download) to fetch the "
-        "official files, or point LABKIT_DATA (command line: --data-root) at a folder that "
-        f"contains {spec.folder}"
+        "Fix it in one of two ways: fetch the official files with download=True (command line: "
+        f"`python -m labkit data --download {spec.name}`; needs internet), or point LABKIT_DATA "
+        f"(command line: --data-root) at a folder that contains {spec.folder}"
     )
     if not folder.is_dir():
         hint = ""
@@ -647,23 +648,47 @@ def _synthesize(rng: np.random.Generator, n: int, num_classes: int) -> tuple[np.
     return img.astype(np.uint8).reshape(n, 3 * 32 * 32), labels.tolist()
 
 
+def _batch_label(path: Path) -> Any:
+    """The ``batch_label`` of an existing CIFAR batch file (None when it has none).
+
+    Raises:
+        DatasetError: the file is not a readable CIFAR pickle.
+    """
+    entry = _unpickle(path)
+    label = entry.get(b"batch_label", entry.get("batch_label"))
+    return label.decode("latin1") if isinstance(label, bytes) else label
+
+
 def _check_not_real(folder: Path, spec: _Spec) -> None:
     """Refuse to overwrite a dataset that make_fake_cifar did not write (e.g. the real one)."""
     path = folder / spec.test_files[0]
     if not path.is_file():
         return
     try:
-        entry = _unpickle(path)
+        label = _batch_label(path)
     except DatasetError:
         return  # unreadable, so nothing worth keeping
-    label = entry.get(b"batch_label", entry.get("batch_label"))
-    if isinstance(label, bytes):
-        label = label.decode("latin1")
     if not (isinstance(label, str) and label.startswith(_SYNTHETIC_TAG)):
         raise FileExistsError(
             f"{folder} already holds a {spec.title} dataset that make_fake_cifar did not write "
             f"(batch_label {label!r} in {path.name}); refusing to overwrite it: pass another root"
         )
+
+def is_generated(root: str | os.PathLike, name: str) -> bool:
+    """Whether the ``name`` dataset under ``root`` was written by :func:`make_fake_cifar`.
+
+    Reads the batch label of the test file ("labkit synthetic ..."); False when the file is
+    missing or unreadable.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`DATASET_NAMES`.
+    """
+    path = dataset_folder(root, name) / _spec(name).test_files[0]
+    try:
+        label = _batch_label(path) if path.is_file() else None
+    except DatasetError:
+        return False
+    return isinstance(label, str) and label.startswith(_SYNTHETIC_TAG)
 
 
 def make_fake_cifar(

@@ -111,3 +111,13 @@ def test_bench_labs_reports_a_failing_cell(tmp_path):
     status, seconds, detail = load("bench_labs").execute(path, timeout=60)
     assert status == "error" and seconds > 0
     assert detail == f"cell 1 ({nb.cells[1].id}): ValueError: boom"
+
+
+@pytest.mark.parametrize("profile", ["short", "paper"])
+def test_bench_labs_runs_lab2_in_the_gpu_profiles(tmp_path, profile):
+    """Lab 2 trains nothing, so its short and paper profiles run here too, top to bottom."""
+    out = load("bench_labs").main(["--profile", profile, "--labs", "lab2",
+                                   "--workdir", str(tmp_path)])
+    (row,) = out["rows"]
+    assert (row["status"], row["rerun_status"]) == ("ok", "ok"), row["detail"]
+    assert out["data"] == "none needed" and not (tmp_path / "data").exists()

@@ -784,3 +784,16 @@ def test_dataset_folder_is_where_the_files_go(tmp_path):
         assert dataset_folder(tmp_path, name) == make_fake_cifar(tmp_path, name, 8, 4)
     with pytest.raises(ValueError, match="unknown dataset name='mnist'; valid names: cifar10"):
         dataset_folder(tmp_path, "mnist")
+
+
+def test_is_generated_tells_labkits_files_from_others(tmp_path):
+    from labkit.data import is_generated
+
+    assert not is_generated(tmp_path, "cifar10")  # nothing there
+    make_fake_cifar(tmp_path, "cifar10", 8, 4)
+    assert is_generated(tmp_path, "cifar10") and not is_generated(tmp_path, "cifar100")
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    entry = pickle.loads(test_batch.read_bytes(), encoding="bytes")
+    entry[b"batch_label"] = b"testing batch 1 of 1"  # what the official file says
+    test_batch.write_bytes(pickle.dumps(entry))
+    assert not is_generated(tmp_path, "cifar10")
