@@ -36,14 +36,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS_DIR = ROOT / "labs"
-#: Where the panel of each lab that trains gets its knobs and runs: (module, function prefix).
-LAB_GRIDS = {
-    "lab1_optimizer_zoo": ("labkit.labs", "lab1"),
-    "lab3_critical_batch": ("labkit.lab34", "lab3"),
-    "lab4_smoothing_generalization": ("labkit.lab34", "lab4"),
-    "lab5_implicit_graduated": ("labkit.lab56", "lab5"),
-    "lab6_sharpness": ("labkit.lab56", "lab6"),
-}
 FULL_SIZE = {"n_train": 50_000, "n_test": 10_000}
 
 
@@ -72,6 +64,18 @@ def select_labs(names: list[str] | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def lab_module(lab: str) -> Any:
+    """The labkit module of a lab notebook: ``lab1_optimizer_zoo`` -> ``labkit.labs.lab1``.
+
+    Raises:
+        ValueError: the module's ``LAB_ID`` names another notebook.
+    """
+    mod = importlib.import_module(f"labkit.labs.{lab.split('_')[0]}")
+    if mod.LAB_ID != lab:
+        raise ValueError(f"{mod.__name__} is the module of {mod.LAB_ID}, not of {lab}")
+    return mod
+
+
 def lab_plan(lab: str, profile: str) -> dict[str, Any]:
     """Runs, epochs and steps that ``lab``'s default knobs in ``profile`` train.
 
@@ -84,14 +88,13 @@ def lab_plan(lab: str, profile: str) -> dict[str, Any]:
 
     plan = {"lab": lab, "profile": profile, "runs": 0, "epochs": 0, "steps": 0,
             "epochs_by_batch": {}, "datasets": [], "models": []}
-    if lab not in LAB_GRIDS:
+    mod = lab_module(lab)
+    if not hasattr(mod, "grid"):  # a lab without a sweep (lab 2's panel trains nothing)
         return plan
-    module, prefix = LAB_GRIDS[lab]
-    mod = importlib.import_module(module)
-    values = {**getattr(mod, f"{prefix}_defaults")(profile), "profile": profile}
+    values = {**mod.defaults(profile), "profile": profile}
     n_train = SMOKE_SIZES["n_train"] if profile == "smoke" else FULL_SIZE["n_train"]
     by_batch: Counter[int] = Counter()
-    for config in getattr(mod, f"{prefix}_grid")(values):
+    for config in mod.grid(values):
         cfg = config.resolved()
         for b in schedules.batch_sizes(cfg.batch_schedule, cfg.batch_size, cfg.epochs):
             by_batch[b] += 1

@@ -5,7 +5,7 @@ The package mirrors the book: each module's docstring names the chapter and the
 equations it implements.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Light: labkit.record imports neither torch nor IPython at import time.
 from labkit.record import record  # noqa: E402

@@ -844,8 +844,7 @@ class ExperimentPanel(ControlPanel):
             prefix = "the data set is unusable: " if isinstance(e, DatasetError) else ""
             return [prefix + str(e)]
         except FileNotFoundError as e:
-            return [f"{e}. Set LABKIT_DATA to a folder with the data set, or choose the smoke "
-                    "profile (generated data)."]
+            return [f"{e}. Or choose the smoke profile, which generates its own data."]
         self._grid_value, self._plan, self._plan_out = grid, plan, out
         return []
 

@@ -12,7 +12,8 @@ import matplotlib
 import pytest
 import torch
 
-from labkit import labs, widgets
+from labkit import widgets
+from labkit.labs import lab1
 from labkit.train import Callback
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "lab_data_env")
@@ -25,8 +26,8 @@ PNG = b"\x89PNG"
 def lab1_panel(out, **kw):
     """Lab 1's panel, wired as the notebook wires it, writing into ``out``."""
     panel = widgets.ExperimentPanel(
-        "Lab 1", controls=labs.lab1_controls(), build_grid=labs.lab1_grid, out_dir=out,
-        validate=labs.lab1_validate, defaults=labs.lab1_defaults, curve_label=labs.lab1_label,
+        "Lab 1", controls=lab1.controls(), build_grid=lab1.grid, out_dir=out,
+        validate=lab1.validate, defaults=lab1.defaults, curve_label=lab1.label,
         profile="smoke", **kw)
     # Two tiny runs: Adam with eta = 1/2 and eta = 4, two epochs each.
     panel.set_values(optimizers=("adam",), etas=(0.5, 4.0), epochs=2)
@@ -231,6 +232,19 @@ def test_experiment_panel_rejects_invalid_knobs(tmp_path, knobs, message):
         panel.plan()
 
 
+def test_missing_cifar_is_a_message_that_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_DATA", str(tmp_path / "empty"))
+    panel = lab1_panel(tmp_path / "sweep")
+    panel.set_values(profile="short")  # the real CIFAR-10, which is not there
+    panel.set_values(optimizers=("adam",), etas=(0.5,), epochs=1)
+    panel.run_button.click()
+    message = panel.messages
+    assert message.startswith("✖ CIFAR-10 not found: searched ") and message.count("✖") == 1
+    assert "`python -m labkit data --download cifar10`" in message and "LABKIT_DATA" in message
+    assert message.endswith("Or choose the smoke profile, which generates its own data.")
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_bad_grids_are_messages(tmp_path):
     def bad_grid(values):
         return {"base": {"profile": values["profile"]}, "grid": {"learning_rate": [0.1]}}
@@ -282,9 +296,9 @@ def test_smoke_sweep_runs_reloads_and_shows_its_table(tmp_path):
         return {t.get_text() for ax in fig.axes if ax.get_legend()
                 for t in ax.get_legend().get_texts()}
 
-    assert labs.LAB1_REFERENCE["label"] not in legend(labs.lab1_figure(panel.history))
+    assert lab1.REFERENCE["label"] not in legend(lab1.figure(panel.history))
     for profile in ("short", "paper"):
-        assert labs.LAB1_REFERENCE["label"] in legend(labs.lab1_figure(panel.history, profile))
+        assert lab1.REFERENCE["label"] in legend(lab1.figure(panel.history, profile))
 
     # A wider grid reuses the finished points and trains only the new one.
     third = panel.run(etas=(0.5, 2.0, 4.0))
@@ -372,3 +386,59 @@ def test_runs_table_html_columns():
     assert "optimizer" not in html  # the same for every run: left out
     with pytest.raises(ValueError, match="table column\\(s\\) sharpness are not in the results"):
         widgets.runs_table_html(df, ["status", "sharpness"])
+
+
+# --------------------------------------------------------------------------- every lab's module
+
+LABS_DIR = Path(__file__).resolve().parent.parent / "labs"
+TRAINING_LABS = ("lab1", "lab3", "lab4", "lab5", "lab6")
+
+
+def _lab_module(name):
+    import importlib
+
+    return importlib.import_module(f"labkit.labs.{name}")
+
+
+@pytest.mark.parametrize("name", ["lab1", "lab2", "lab3", "lab4", "lab5", "lab6"])
+def test_each_lab_module_names_its_notebook(name):
+    import nbformat
+
+    mod = _lab_module(name)
+    path = LABS_DIR / f"{mod.LAB_ID}.ipynb"
+    assert mod.LAB_ID.startswith(f"{name}_") and path.exists()
+    assert nbformat.read(path, as_version=4).metadata["labkit"]["lab"] == mod.LAB_ID
+    assert (name in TRAINING_LABS) == hasattr(mod, "grid")  # lab 2 trains nothing
+
+
+@pytest.mark.parametrize("name", TRAINING_LABS)
+def test_each_training_lab_drives_a_panel_through_the_same_interface(name, tmp_path):
+    from labkit.labs import results_dir
+    from labkit.train import PROFILES, TrainConfig
+
+    mod = _lab_module(name)
+    panel = widgets.ExperimentPanel(
+        name, controls=mod.controls(), build_grid=mod.grid,
+        out_dir=lambda profile: results_dir(mod.LAB_ID, profile), validate=mod.validate,
+        defaults=mod.defaults, curve_label=mod.label,
+        on_result=getattr(mod, "on_result", None), profile="smoke", background=False)
+    for profile in PROFILES:
+        panel.set_values(profile=profile)
+        values, defaults = panel.values(), mod.defaults(profile)
+        assert {k: values[k] for k in defaults} == defaults
+        assert mod.validate(values) == []
+        configs = mod.grid(values)
+        assert configs and all(isinstance(c, TrainConfig) for c in configs)
+        assert all(isinstance(mod.label(c), str) and mod.label(c) for c in configs)
+    with pytest.raises(ValueError, match="profile must be one of smoke, short, paper"):
+        mod.defaults("huge")
+
+
+def test_importing_labkit_labs_loads_no_lab_module():
+    import subprocess
+    import sys
+
+    code = ("import sys, labkit.labs as labs; "
+            "assert not [m for m in sys.modules if m.startswith('labkit.labs.lab')], sys.modules; "
+            "assert callable(labs.lab_setup) and callable(labs.results_dir)")
+    subprocess.run([sys.executable, "-c", code], check=True)

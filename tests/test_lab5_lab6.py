@@ -1,4 +1,4 @@
-"""labkit.lab56: the glue of lab 5 (implicit graduated optimization) and lab 6 (sharpness).
+"""labkit.labs.lab5 (implicit graduated optimization) and labkit.labs.lab6 (sharpness).
 
 The schedules are checked against labkit.graduated and the seed's numbers, the panels are
 driven from Python as a student would drive them, and the measurements of lab 6 against
@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from labkit import data as lk_data
-from labkit import graduated, lab56, noise, widgets
+from labkit import graduated, noise, widgets
 from labkit.experiments import load_results, measure_sharpness, run_sweep
 from labkit.experiments.results import GRADIENT_STATS_FILE
+from labkit.labs import lab5, lab6
 from labkit.sharpness import adaptive_sharpness
 from labkit.train import PROFILES, TrainConfig
 
@@ -33,25 +34,25 @@ SQRT_HALF = 2.0**-0.5
 
 
 def lab5_values(profile="smoke", **kw):
-    return {**lab56.lab5_defaults(profile), "profile": profile, **kw}
+    return {**lab5.defaults(profile), "profile": profile, **kw}
 
 
 def lab6_values(profile="smoke", **kw):
-    return {**lab56.lab6_defaults(profile), "profile": profile, **kw}
+    return {**lab6.defaults(profile), "profile": profile, **kw}
 
 
 def lab5_panel(out, **kw):
     return widgets.ExperimentPanel(
-        "Lab 5", controls=lab56.lab5_controls(), build_grid=lab56.lab5_grid, out_dir=out,
-        validate=lab56.lab5_validate, defaults=lab56.lab5_defaults,
-        curve_label=lab56.lab5_label, profile="smoke", background=False, **kw)
+        "Lab 5", controls=lab5.controls(), build_grid=lab5.grid, out_dir=out,
+        validate=lab5.validate, defaults=lab5.defaults,
+        curve_label=lab5.label, profile="smoke", background=False, **kw)
 
 
 def lab6_panel(out, **kw):
     return widgets.ExperimentPanel(
-        "Lab 6", controls=lab56.lab6_controls(), build_grid=lab56.lab6_grid, out_dir=out,
-        validate=lab56.lab6_validate, defaults=lab56.lab6_defaults,
-        curve_label=lab56.lab6_label, on_result=lab56.lab6_on_result, profile="smoke",
+        "Lab 6", controls=lab6.controls(), build_grid=lab6.grid, out_dir=out,
+        validate=lab6.validate, defaults=lab6.defaults,
+        curve_label=lab6.label, on_result=lab6.on_result, profile="smoke",
         background=False, **kw)
 
 
@@ -61,7 +62,7 @@ def lab6_panel(out, **kw):
 @pytest.mark.parametrize("profile", PROFILES)
 def test_lab5_defaults_are_valid_and_have_the_seeds_five_stages(profile):
     v = lab5_values(profile)
-    assert lab56.lab5_validate(v) == []
+    assert lab5.validate(v) == []
     assert v["epochs"] // v["every"] == 5 and v["epochs"] % v["every"] == 0  # 200 / 40
     assert (v["lr0"], v["batch0"], v["powers"]) == (0.1, 32, (0.9,))
     panel = lab5_panel("unused")
@@ -71,7 +72,7 @@ def test_lab5_defaults_are_valid_and_have_the_seeds_five_stages(profile):
 
 def test_lab5_defaults_reject_an_unknown_profile():
     with pytest.raises(ValueError, match="profile must be one of smoke, short, paper; got 'x'"):
-        lab56.lab5_defaults("x")
+        lab5.defaults("x")
 
 
 @pytest.mark.parametrize("knobs,message", [
@@ -88,21 +89,21 @@ def test_lab5_defaults_reject_an_unknown_profile():
     ({"seeds": 0}, "seeds must be an integer >= 1; got 0"),
 ])
 def test_lab5_validate_explains_bad_knobs(knobs, message):
-    msgs = lab56.lab5_validate(lab5_values(**knobs))
+    msgs = lab5.validate(lab5_values(**knobs))
     assert any(message in m for m in msgs), msgs
     with pytest.raises(ValueError, match=re.escape(message)):
-        lab56.lab5_grid(lab5_values(**knobs))
+        lab5.grid(lab5_values(**knobs))
 
 
 def test_lab5_long_stages_are_fine_without_step_schedules():
-    assert lab56.lab5_validate(lab5_values(schedules=("constant", "poly"), every=5)) == []
+    assert lab5.validate(lab5_values(schedules=("constant", "poly"), every=5)) == []
 
 
 def test_lab5_grid_is_the_seeds_experiment():
     v = lab5_values("paper", powers=(0.5, 0.9), seeds=2)
-    runs = lab56.lab5_grid(v)
+    runs = lab5.grid(v)
     assert len(runs) == (4 + 2) * 2  # constant, three steps, two powers; two seeds each
-    keys = [lab56.lab5_schedule_key(c.lr_schedule, c.batch_schedule) for c in runs]
+    keys = [lab5.schedule_key(c.lr_schedule, c.batch_schedule) for c in runs]
     assert keys == [k for k in ("constant", "lr_step", "batch_step", "hybrid_step",
                                 "poly_p0.5", "poly_p0.9") for _ in range(2)]
     for c in runs:
@@ -117,53 +118,53 @@ def test_lab5_grid_is_the_seeds_experiment():
                                       ("hybrid_step", "hybrid")])
 def test_lab5_step_schedules_shrink_delta_by_one_over_sqrt2_per_stage(key, mode):
     v = lab5_values("paper", schedules=(key,))
-    (config,) = lab56.lab5_grid(v)
-    plan = lab56.lab5_epoch_plan(config)
+    (config,) = lab5.grid(v)
+    plan = lab5.epoch_plan(config)
     reference = graduated.step_schedule(0.1, 32, mode, epochs=200, every=40)
     assert plan["lr"] == reference.lrs and plan["batch_size"] == reference.batch_sizes
     assert plan["delta_ratio"] == pytest.approx(reference.delta_ratios, rel=1e-12)
     for e, r in enumerate(plan["delta_ratio"]):
         assert r == pytest.approx(SQRT_HALF ** (e // 40), rel=1e-12)
-    assert lab56.lab5_label(config) == lab56.lab5_schedule_label(key)
+    assert lab5.label(config) == lab5.schedule_label(key)
 
 
 def test_lab5_poly_is_the_per_epoch_polynomial_decay():
-    (config,) = lab56.lab5_grid(lab5_values(schedules=("poly",), powers=(0.9,), epochs=7))
-    plan = lab56.lab5_epoch_plan(config)
+    (config,) = lab5.grid(lab5_values(schedules=("poly",), powers=(0.9,), epochs=7))
+    plan = lab5.epoch_plan(config)
     assert plan["lr"] == pytest.approx([0.1 * (1 - e / 7) ** 0.9 for e in range(7)], rel=1e-12)
     assert plan["batch_size"] == [32] * 7
     assert plan["delta_ratio"] == pytest.approx([(1 - e / 7) ** 0.9 for e in range(7)])
-    assert lab56.lab5_label(config) == "poly p = 0.9"
-    assert lab56.lab5_label(TrainConfig(seed=2)) == "constant s2"
+    assert lab5.label(config) == "poly p = 0.9"
+    assert lab5.label(TrainConfig(seed=2)) == "constant s2"
 
 
 def test_lab5_schedule_key_reads_specs_and_json():
-    assert lab56.lab5_schedule_key(None, None) == "constant"
-    assert lab56.lab5_schedule_key('{"kind": "constant"}', math.nan) == "constant"
+    assert lab5.schedule_key(None, None) == "constant"
+    assert lab5.schedule_key('{"kind": "constant"}', math.nan) == "constant"
     hybrid = graduated.step_schedule(0.1, 32, "hybrid", epochs=10, every=2)
-    assert lab56.lab5_schedule_key(json.dumps(hybrid.lr_schedule),
-                                   json.dumps(hybrid.batch_schedule)) == "hybrid_step"
-    assert lab56.lab5_schedule_key({"kind": "poly", "power": 2.0}, None) == "poly_p2"
-    assert lab56.lab5_schedule_key({"kind": "cosine"}, None) == "custom"
-    assert lab56.lab5_schedule_key({"kind": "step", "factor": 0.5}, None) == "custom"
-    assert lab56.lab5_schedule_key(None, {"kind": "step", "factor": 2.0, "max": 64}) == "custom"
+    assert lab5.schedule_key(json.dumps(hybrid.lr_schedule),
+                             json.dumps(hybrid.batch_schedule)) == "hybrid_step"
+    assert lab5.schedule_key({"kind": "poly", "power": 2.0}, None) == "poly_p2"
+    assert lab5.schedule_key({"kind": "cosine"}, None) == "custom"
+    assert lab5.schedule_key({"kind": "step", "factor": 0.5}, None) == "custom"
+    assert lab5.schedule_key(None, {"kind": "step", "factor": 2.0, "max": 64}) == "custom"
     with pytest.raises(ValueError, match="lr_schedule must be a schedule spec dict or its JSON"):
-        lab56.lab5_schedule_key("{not json", None)
+        lab5.schedule_key("{not json", None)
     with pytest.raises(ValueError, match="unknown lr schedule kind 'warmup'"):
-        lab56.lab5_schedule_key({"kind": "warmup"}, None)
+        lab5.schedule_key({"kind": "warmup"}, None)
 
 
 def test_lab5_epoch_plan_errors():
     with pytest.raises(ValueError, match="run needs lr, batch_size, epochs"):
-        lab56.lab5_epoch_plan({"lr": 0.1})
+        lab5.epoch_plan({"lr": 0.1})
     with pytest.raises(ValueError, match="resolve the config first"):
-        lab56.lab5_epoch_plan(TrainConfig())
+        lab5.epoch_plan(TrainConfig())
     with pytest.raises(ValueError, match="needs the columns lr_schedule and batch_schedule"):
-        lab56.lab5_add_schedule(pd.DataFrame({"lr": [0.1]}))
+        lab5.add_schedule(pd.DataFrame({"lr": [0.1]}))
 
 
 def test_lab5_stage_rows_are_the_seeds_schedules():
-    rows = lab56.lab5_stage_rows()
+    rows = lab5.stage_rows()
     assert [(r["first_epoch"], r["last_epoch"]) for r in rows] == \
         [(1, 40), (41, 80), (81, 120), (121, 160), (161, 200)]
     assert [r["batch_step"]["batch_size"] for r in rows] == [32, 64, 128, 256, 512]
@@ -176,7 +177,7 @@ def test_lab5_stage_rows_are_the_seeds_schedules():
         assert r["hybrid_step"]["lr"] == pytest.approx(0.1 * (3**0.5 / 2) ** m)
         assert r["poly"]["lr"] == pytest.approx(0.1 * (1 - 40 * m / 200) ** 0.9)
     with pytest.raises(ValueError, match="epochs must be an integer >= 2 and every"):
-        lab56.lab5_stage_rows(every=0)
+        lab5.stage_rows(every=0)
 
 
 def test_lab5_panel_rejects_invalid_knobs_with_a_message(tmp_path):
@@ -199,25 +200,25 @@ def test_lab5_smoke_sweep_history_and_figure(tmp_path):
     panel.set_values(schedules=("lr_step", "batch_step"), epochs=2)
     result = panel.run()
     assert [p.status for p in result.points] == ["finished", "finished"]
-    runs = lab56.lab5_run_table(panel.results)
+    runs = lab5.run_table(panel.results)
     assert list(runs["schedule"]) == ["lr_step", "batch_step"]
-    plans = lab56.lab5_epoch_plans(panel.history)
+    plans = lab5.epoch_plans(panel.history)
     assert plans == {"lr_step": {"epoch": [1, 2], "lr": [0.1, pytest.approx(0.1 * SQRT_HALF)],
                                  "batch_size": [32, 32]},
                      "batch_step": {"epoch": [1, 2], "lr": [0.1, 0.1], "batch_size": [32, 64]}}
     # What the runs used is what the schedules say (the history's rows are what the notebook's
     # question 1 reads).
-    hist = lab56.lab5_add_schedule(panel.history)
+    hist = lab5.add_schedule(panel.history)
     for _, row in hist.iterrows():
-        plan = lab56.lab5_epoch_plan(row)
+        plan = lab5.epoch_plan(row)
         assert row["epoch_lr"] == pytest.approx(plan["lr"][row["epoch"] - 1])
         assert row["epoch_batch_size"] == plan["batch_size"][row["epoch"] - 1]
-    fig = lab56.lab5_figure(panel.history)
+    fig = lab5.figure(panel.history)
     assert len(fig.axes) == 2
     labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert labels[:2] == ["lr × 1/√2", "b × 2"] and any(t.startswith("paper:") for t in labels)
     with pytest.raises(ValueError, match="history is empty"):
-        lab56.lab5_figure(panel.history.iloc[:0])
+        lab5.figure(panel.history.iloc[:0])
 
 
 # =========================================================================== lab 6
@@ -226,11 +227,11 @@ def test_lab5_smoke_sweep_history_and_figure(tmp_path):
 @pytest.mark.parametrize("profile", PROFILES)
 def test_lab6_defaults_are_valid(profile):
     v = lab6_values(profile)
-    assert lab56.lab6_validate(v) == []
+    assert lab6.validate(v) == []
     assert (v["rho"], v["norm"], v["c2_source"], v["optimizers"]) == \
         (0.0002, "linf", "paper", ("sgd",))
-    assert set(v["lrs"]) <= set(lab56.LAB6_LRS)
-    assert set(v["batch_sizes"]) <= set(lab56.LAB6_BATCH_SIZES)
+    assert set(v["lrs"]) <= set(lab6.LRS)
+    assert set(v["batch_sizes"]) <= set(lab6.BATCH_SIZES)
     panel = lab6_panel("unused")
     panel.set_values(profile=profile)
     assert {k: panel.values()[k] for k in v} == v
@@ -252,16 +253,16 @@ def test_lab6_defaults_are_valid(profile):
      "sharpness batches × batch size = 9 × 64 = 576 exceeds the 512 training images"),
 ])
 def test_lab6_validate_explains_bad_knobs(knobs, message):
-    msgs = lab56.lab6_validate(lab6_values(**knobs))
+    msgs = lab6.validate(lab6_values(**knobs))
     assert any(message in m for m in msgs), msgs
     with pytest.raises(ValueError):
-        lab56.lab6_grid(lab6_values(**knobs))
+        lab6.grid(lab6_values(**knobs))
 
 
 def test_lab6_grid_and_labels():
     v = lab6_values("paper", optimizers=("sgd", "shb"), lrs=(0.1, 0.5), batch_sizes=(8, 32),
                     seeds=2, beta=0.8)
-    runs = lab56.lab6_grid(v)
+    runs = lab6.grid(v)
     assert len(runs) == 2 * 2 * 2 * 2
     assert {(c.optimizer, c.lr, c.batch_size, c.seed) for c in runs} == {
         (o, lr, b, s) for o in ("sgd", "shb") for lr in (0.1, 0.5) for b in (8, 32)
@@ -269,12 +270,12 @@ def test_lab6_grid_and_labels():
     for c in runs:
         assert c.hparams == ({"beta": 0.8} if c.optimizer == "shb" else {})
         assert (c.dataset, c.epochs, c.profile) == ("cifar100", 200, "paper")
-    assert lab56.lab6_label(runs[0]) == "SGD η=0.1 b=8"
-    assert lab56.lab6_label(runs[-1]) == "SHB η=0.5 b=32 β=0.8 s1"
+    assert lab6.label(runs[0]) == "SGD η=0.1 b=8"
+    assert lab6.label(runs[-1]) == "SHB η=0.5 b=32 β=0.8 s1"
 
 
 def test_lab6_paper_delta_rows_follow_eq_12():
-    rows = lab56.lab6_paper_delta_rows()
+    rows = lab6.paper_delta_rows()
     assert [r["batch_size"] for r in rows] == [2**k for k in range(1, 14)]
     by_b = {r["batch_size"]: r for r in rows}
     # lr = 0.1, b = 128: 0.1 sqrt(1280 / 128) = 0.1 sqrt(10).
@@ -284,15 +285,15 @@ def test_lab6_paper_delta_rows_follow_eq_12():
                                strict=True):
             assert d == pytest.approx(noise.delta_sgd(lr, r["batch_size"], 1280.0))
             assert good == (0.2 <= d <= 1.0)
-    assert lab56.lab6_paper_delta_rows(c2=4.0, lrs=(1.0,), batch_sizes=(4,))[0]["deltas"] == [1.0]
+    assert lab6.paper_delta_rows(c2=4.0, lrs=(1.0,), batch_sizes=(4,))[0]["deltas"] == [1.0]
 
 
 def test_lab6_tiny_net_rescaling_keeps_the_function_and_the_adaptive_sharpness():
-    x, y = lab56.lab6_tiny_problem()
-    base = lab56.lab6_tiny_net(0.8, 1.5)
+    x, y = lab6.tiny_problem()
+    base = lab6.tiny_net(0.8, 1.5)
     values = {True: [], False: []}
     for a in (0.1, 1.0, 10.0):
-        net = lab56.lab6_tiny_net(0.8 * a, 1.5 / a)
+        net = lab6.tiny_net(0.8 * a, 1.5 / a)
         assert torch.allclose(net(x), base(x), rtol=1e-12)
         for adaptive in (True, False):
             values[adaptive].append(adaptive_sharpness(net, F.mse_loss, [(x, y)], 0.05,
@@ -301,8 +302,8 @@ def test_lab6_tiny_net_rescaling_keeps_the_function_and_the_adaptive_sharpness()
     assert max(values[False]) > 2 * min(values[False])
     # The maximum over the l_inf box sits at a corner: the corner of the adaptive box.
     with torch.no_grad():
-        corners = [float(F.mse_loss(lab56.lab6_tiny_net(0.8 * (1 + s * 0.05),
-                                                        1.5 * (1 + t * 0.05))(x), y))
+        corners = [float(F.mse_loss(lab6.tiny_net(0.8 * (1 + s * 0.05),
+                                                  1.5 * (1 + t * 0.05))(x), y))
                    for s in (-1, 1) for t in (-1, 1)]
         center = float(F.mse_loss(base(x), y))
     assert values[True][1] == pytest.approx(max(corners) - center)
@@ -315,7 +316,7 @@ def lab6_sweep(tmp_path_factory, lab_data_root):
     mp.setenv("LABKIT_DATA", str(lab_data_root))
     out = tmp_path_factory.mktemp("lab6") / "sweep"
     v = lab6_values(optimizers=("sgd", "shb"), lrs=(0.05,), batch_sizes=(32,), epochs=1)
-    run_sweep(lab56.lab6_grid(v), out, progress=False)
+    run_sweep(lab6.grid(v), out, progress=False)
     yield out, v
     mp.undo()
 
@@ -324,7 +325,7 @@ def test_lab6_measure_matches_labkit(lab6_sweep):
     out, v = lab6_sweep
     results = load_results(out)
     seen = []
-    table = lab56.lab6_measure(results, out, v, progress=seen.append)
+    table = lab6.measure(results, out, v, progress=seen.append)
     assert list(table.columns) == ["run", "optimizer", "lr", "batch_size", "beta", "seed",
                                    "status", "epochs_completed", "test_acc", "c2", "k2",
                                    "delta", "sharpness"]
@@ -341,21 +342,21 @@ def test_lab6_measure_matches_labkit(lab6_sweep):
     assert (shb["c2"], shb["beta"]) == (25.318, 0.9)
     assert shb["k2"] == pytest.approx(1.77**2)
     assert shb["delta"] == pytest.approx(noise.delta_shb(0.05, 32, 0.9, 25.318, 1.77**2))
-    records = lab56.lab6_records(table)
+    records = lab6.records(table)
     assert records[0]["run"] == sgd["run"] and isinstance(records[0]["sharpness"], float)
 
 
 def test_lab6_measured_c2_is_the_gradient_variance_at_the_final_weights(lab6_sweep):
     out, v = lab6_sweep
     results = load_results(out)
-    table = lab56.lab6_measure(results, out, dict(v, c2_source="measured"))
+    table = lab6.measure(results, out, dict(v, c2_source="measured"))
     folder = out / results["folder"].iloc[0]
-    stats = lab56.lab6_gradient_variance(folder, n_examples=128, cache=False)
+    stats = lab6.gradient_variance(folder, n_examples=128, cache=False)
     assert table["c2"].iloc[0] == pytest.approx(stats["c2"], rel=1e-9)
     assert math.isnan(table["k2"].iloc[0])  # K^2 only for SHB
     assert table["k2"].iloc[1] > 0
     # Independently: per-example gradients of the same 128 images, by a loop.
-    model, _, data = lab56._load_run_model(folder, torch.device("cpu"))
+    model, _, data = lab6._load_run_model(folder, torch.device("cpu"))
     idx = torch.randperm(512, generator=torch.Generator().manual_seed(0))[:128]
     xs = lk_data.normalize(data.train_x[idx], data.mean, data.std)
     ref = noise.gradient_variance(model, lambda o, t: F.cross_entropy(o, t, reduction="none"),
@@ -369,12 +370,12 @@ def test_lab6_measured_c2_is_the_gradient_variance_at_the_final_weights(lab6_swe
 def test_lab6_measure_leaves_unfinished_and_stopped_runs_unmeasured(lab6_sweep):
     out, v = lab6_sweep
     results = load_results(out)
-    stopped = lab56.lab6_measure(results, out, v, should_stop=lambda: True)
+    stopped = lab6.measure(results, out, v, should_stop=lambda: True)
     assert stopped["sharpness"].isna().all()
     assert stopped["delta"].notna().all()  # the paper's C^2 needs no weights
     diverged = results.copy()
     diverged.loc[0, "status"] = "diverged"
-    table = lab56.lab6_measure(diverged, out, dict(v, c2_source="measured"))
+    table = lab6.measure(diverged, out, dict(v, c2_source="measured"))
     assert math.isnan(table["sharpness"].iloc[0]) and math.isnan(table["delta"].iloc[0])
     assert table["sharpness"].notna().iloc[1]
 
@@ -383,22 +384,22 @@ def test_lab6_measure_errors(lab6_sweep, tmp_path):
     out, v = lab6_sweep
     results = load_results(out)
     with pytest.raises(ValueError, match="results lacks the column"):
-        lab56.lab6_measure(results.drop(columns=["folder"]), out, v)
+        lab6.measure(results.drop(columns=["folder"]), out, v)
     with pytest.raises(ValueError, match="values lacks the knob 'rho'"):
-        lab56.lab6_measure(results, out, {k: x for k, x in v.items() if k != "rho"})
+        lab6.measure(results, out, {k: x for k, x in v.items() if k != "rho"})
     with pytest.raises(FileNotFoundError, match="is not a run folder with a trained model"):
-        lab56.lab6_gradient_variance(tmp_path)
+        lab6.gradient_variance(tmp_path)
     folder = out / results["folder"].iloc[0]
     with pytest.raises(ValueError, match="n_examples must be an integer >= 2; got 1"):
-        lab56.lab6_gradient_variance(folder, n_examples=1)
+        lab6.gradient_variance(folder, n_examples=1)
     with pytest.raises(ValueError, match="n_images=1000 exceeds the 512 training images"):
-        lab56.lab6_gradient_variance(folder, n_examples=1000, cache=False)
+        lab6.gradient_variance(folder, n_examples=1000, cache=False)
 
 
 def test_lab6_figure(lab6_sweep):
     out, v = lab6_sweep
-    table = lab56.lab6_measure(load_results(out), out, v)
-    fig = lab56.lab6_figure(table, "short")
+    table = lab6.measure(load_results(out), out, v)
+    fig = lab6.figure(table, "short")
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["(a) sharpness vs batch size", "(c) sharpness vs δ",
                       "(d) test accuracy vs sharpness", "(e) test accuracy vs δ"]
@@ -407,7 +408,7 @@ def test_lab6_figure(lab6_sweep):
     assert "paper: best δ ≈ 0.2-1" in legend and "paper: high (70-100%)" in legend
     assert any("SHB η=0.05" in t for t in legend)  # two optimizers: one line per optimizer and lr
     with pytest.raises(ValueError, match="no finished run has a sharpness"):
-        lab56.lab6_figure(table.assign(sharpness=math.nan))
+        lab6.figure(table.assign(sharpness=math.nan))
 
 
 def test_lab6_panel_rejects_invalid_knobs_and_measures_after_a_sweep(tmp_path):
@@ -424,6 +425,6 @@ def test_lab6_panel_rejects_invalid_knobs_and_measures_after_a_sweep(tmp_path):
     assert [p.status for p in result.points] == ["finished"]
     assert "sharpness of 1/1 runs" in panel.status_text and panel.status_text.startswith("done")
     assert bytes(panel.figure.value).startswith(PNG)
-    table = lab56.lab6_table(panel)
+    table = lab6.table(panel)
     assert table["sharpness"].notna().all()
     assert "sharpness of 1/1 runs" in panel.status_text  # the status is restored

@@ -1,5 +1,5 @@
-"""labkit.lab34: the gradient-norm log, SFO and b* from a sweep, C^2 measured and bounded,
-smoothing degrees, and the knobs and figures of labs 3 and 4."""
+"""labkit.labs.lab3 and labkit.labs.lab4: the gradient-norm log, SFO and b* from a sweep, C^2
+measured and bounded, smoothing degrees, and the knobs and figures of labs 3 and 4."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from labkit import critical, lab34, noise, widgets
+from labkit import critical, noise, widgets
 from labkit.experiments import load_history, run_sweep, sfo_from_history
+from labkit.labs import lab3, lab4
 from labkit.train import Callback, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,7 +33,7 @@ PNG = b"\x89PNG"
 def env(tmp_path_factory):
     """Generated data in a temporary folder; no profile from the environment."""
     mp = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("lab34")
+    root = tmp_path_factory.mktemp("lab3_lab4")
     mp.setenv("LABKIT_DATA", str(root / "data"))
     mp.delenv("LABKIT_PROFILE", raising=False)
     yield root
@@ -40,7 +41,7 @@ def env(tmp_path_factory):
 
 
 def _values(**kw):
-    values = {**lab34.lab3_defaults("smoke"), "profile": "smoke"}
+    values = {**lab3.defaults("smoke"), "profile": "smoke"}
     values.update(kw)
     return values
 
@@ -50,7 +51,7 @@ def sweep(env):
     """Four smoke runs (SGD and SHB, b = 64 and 128, 2 epochs) with the gradient-norm log."""
     values = _values(optimizers=("sgd", "shb"), batch_sizes=(64, 128), epochs=2)
     out = env / "sweep"
-    result = run_sweep(lab34.lab3_grid(values), out, callbacks=[lab34.GradNormLog()],
+    result = run_sweep(lab3.grid(values), out, callbacks=[lab3.GradNormLog()],
                        progress=False)
     assert result.complete
     return out, values, result
@@ -87,9 +88,9 @@ class _Norms(Callback):
 
 def test_the_log_holds_every_steps_gradient_norm(env, tmp_path):
     ref = _Norms()
-    result = train(_config(out=str(tmp_path / "run")), [lab34.GradNormLog(), ref],
+    result = train(_config(out=str(tmp_path / "run")), [lab3.GradNormLog(), ref],
                    progress=False)
-    norms = lab34.load_grad_norms(tmp_path / "run")
+    norms = lab3.load_grad_norms(tmp_path / "run")
     assert norms.dtype == np.float32
     assert norms.tolist() == [float(np.float32(v)) for v in ref.values]
     assert len(norms) == result.metrics[-1]["total_steps"] == 3 * 4
@@ -99,29 +100,29 @@ def test_the_log_holds_every_steps_gradient_norm(env, tmp_path):
 
 
 def test_an_interrupted_log_equals_an_uninterrupted_one(env, tmp_path):
-    train(_config(out=str(tmp_path / "a")), [lab34.GradNormLog()], progress=False)
-    stopped = train(_config(out=str(tmp_path / "b")), [lab34.GradNormLog(), _StopAfterEpoch(1)],
+    train(_config(out=str(tmp_path / "a")), [lab3.GradNormLog()], progress=False)
+    stopped = train(_config(out=str(tmp_path / "b")), [lab3.GradNormLog(), _StopAfterEpoch(1)],
                     progress=False)
     assert stopped.status == "stopped"
-    log = tmp_path / "b" / lab34.GRAD_NORMS_FILE
+    log = tmp_path / "b" / lab3.GRAD_NORMS_FILE
     assert log.stat().st_size == 4 * 4
     with open(log, "ab") as f:  # steps written after the checkpoint, as a crash would leave
         f.write(np.ones(7, dtype="<f4").tobytes())
-    resumed = train(_config(out=str(tmp_path / "b")), [lab34.GradNormLog()], progress=False)
+    resumed = train(_config(out=str(tmp_path / "b")), [lab3.GradNormLog()], progress=False)
     assert resumed.status == "finished" and resumed.resumed_from == 1
-    assert log.read_bytes() == (tmp_path / "a" / lab34.GRAD_NORMS_FILE).read_bytes()
+    assert log.read_bytes() == (tmp_path / "a" / lab3.GRAD_NORMS_FILE).read_bytes()
 
 
 def test_no_log_where_it_would_be_incomplete_or_has_nowhere_to_go(env, tmp_path):
     # Resumed from a checkpoint trained without the log: no log rather than a wrong one.
     train(_config(out=str(tmp_path / "c")), [_StopAfterEpoch(1)], progress=False)
-    train(_config(out=str(tmp_path / "c")), [lab34.GradNormLog()], progress=False)
-    assert lab34.load_grad_norms(tmp_path / "c") is None
+    train(_config(out=str(tmp_path / "c")), [lab3.GradNormLog()], progress=False)
+    assert lab3.load_grad_norms(tmp_path / "c") is None
     # No folder, or no gradient norms: nothing is written and nothing fails.
-    train(_config(epochs=1), [lab34.GradNormLog()], progress=False)
+    train(_config(epochs=1), [lab3.GradNormLog()], progress=False)
     train(_config(epochs=1, track_grad_norm=False, out=str(tmp_path / "d")),
-          [lab34.GradNormLog()], progress=False)
-    assert lab34.load_grad_norms(tmp_path / "d") is None
+          [lab3.GradNormLog()], progress=False)
+    assert lab3.load_grad_norms(tmp_path / "d") is None
 
 
 # --------------------------------------------------------------------------- the test
@@ -131,7 +132,7 @@ def test_no_log_where_it_would_be_incomplete_or_has_nowhere_to_go(env, tmp_path)
 @given(st.lists(st.floats(0.0, 10.0, width=32), min_size=1, max_size=40),
        st.floats(0.01, 10.0), st.integers(1, 45))
 def test_steps_to_threshold_is_the_first_passing_step(norms, eps, first):
-    m = lab34.running_mean(norms)
+    m = lab3.running_mean(norms)
     total = 0.0
     expected = None
     for t, g in enumerate(norms, start=1):
@@ -139,7 +140,7 @@ def test_steps_to_threshold_is_the_first_passing_step(norms, eps, first):
         assert m[t - 1] == total / t
         if expected is None and t >= first and total / t <= eps:
             expected = t
-    assert lab34.steps_to_threshold(norms, eps, first) == expected
+    assert lab3.steps_to_threshold(norms, eps, first) == expected
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -149,7 +150,7 @@ def test_steps_to_threshold_is_the_first_passing_step(norms, eps, first):
 ])
 def test_steps_to_threshold_errors(kw, message):
     with pytest.raises(ValueError, match=message):
-        lab34.steps_to_threshold([1.0, 0.5], **kw)
+        lab3.steps_to_threshold([1.0, 0.5], **kw)
 
 
 @pytest.mark.parametrize("min_epochs", [0, 1])
@@ -158,11 +159,11 @@ def test_same_T_as_measure_sfo(sweep, min_epochs):
     out, _, result = sweep
     point = next(p for p in result.points if p.config.optimizer == "sgd"
                  and p.config.batch_size == 64)
-    norms = lab34.load_grad_norms(point.folder)
+    norms = lab3.load_grad_norms(point.folder)
     spe = 8  # 512 images / 64
-    eps = float(lab34.running_mean(norms)[spe + spe // 2 - 1])  # reached by step 1.5 epochs
+    eps = float(lab3.running_mean(norms)[spe + spe // 2 - 1])  # reached by step 1.5 epochs
     first = max(1, min_epochs * spe)
-    expected = lab34.steps_to_threshold(norms, eps, first)
+    expected = lab3.steps_to_threshold(norms, eps, first)
     assert expected is not None and expected <= spe + spe // 2
     measured = critical.measure_sfo(dataclasses.replace(point.config, out=None), [64], eps,
                                     min_epochs=min_epochs, progress=False)
@@ -176,39 +177,39 @@ def test_same_T_as_measure_sfo(sweep, min_epochs):
 def test_sfo_of_sweep_is_exact_and_falls_back_to_epochs(sweep, tmp_path):
     out, values, _ = sweep
     eps = 1.6
-    df = lab34.sfo_of_sweep(out, eps, min_epochs=1)
+    df = lab3.sfo_of_sweep(out, eps, min_epochs=1)
     assert len(df) == 4 and df["exact"].all() and df["complete"].all()
     for _, r in df.iterrows():
-        norms = lab34.load_grad_norms(r["folder"])
+        norms = lab3.load_grad_norms(r["folder"])
         spe = 512 // r["batch_size"]
-        steps = lab34.steps_to_threshold(norms, eps, spe)
+        steps = lab3.steps_to_threshold(norms, eps, spe)
         assert (None if pd.isna(r["steps"]) else int(r["steps"])) == steps
         assert r["sfo"] == (steps * r["batch_size"] if steps else math.inf)
         assert r["reached"] == (steps is not None)
-        m = lab34.running_mean(norms)
+        m = lab3.running_mean(norms)
         assert math.isclose(r["lowest_mean"], m[spe - 1:].min())
         assert math.isclose(r["final_mean"], m[-1])
     # Without its log a run falls back to the per-epoch means: T rounded up to an epoch end.
     copy = tmp_path / "sweep"
     shutil.copytree(out, copy)
     run = df.iloc[0]
-    (copy / "runs" / run["run"] / lab34.GRAD_NORMS_FILE).unlink()
+    (copy / "runs" / run["run"] / lab3.GRAD_NORMS_FILE).unlink()
     eps = float(df["final_mean"].max()) + 1e-6  # every run passes at its last step at the latest
-    exact = lab34.sfo_of_sweep(out, eps).set_index("run")
-    rounded = lab34.sfo_of_sweep(copy, eps).set_index("run")
+    exact = lab3.sfo_of_sweep(out, eps).set_index("run")
+    rounded = lab3.sfo_of_sweep(copy, eps).set_index("run")
     assert not rounded.loc[run["run"], "exact"] and rounded.drop(run["run"])["exact"].all()
     h = load_history(copy)
     want = sfo_from_history(h[h["run"] == run["run"]], eps).iloc[0]
     assert rounded.loc[run["run"], "steps"] == want["steps"]
     assert exact.loc[run["run"], "steps"] <= rounded.loc[run["run"], "steps"]
     # A subset of runs, and the errors.
-    assert len(lab34.sfo_of_sweep(out, 1.0, runs=[run["run"]])) == 1
+    assert len(lab3.sfo_of_sweep(out, 1.0, runs=[run["run"]])) == 1
     with pytest.raises(ValueError, match="eps must be a positive finite number"):
-        lab34.sfo_of_sweep(out, -1.0)
+        lab3.sfo_of_sweep(out, -1.0)
     with pytest.raises(ValueError, match="min_epochs must be an integer >= 0; got -1"):
-        lab34.sfo_of_sweep(out, 1.0, min_epochs=-1)
+        lab3.sfo_of_sweep(out, 1.0, min_epochs=-1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        lab34.sfo_of_sweep(tmp_path / "nothing", 1.0)
+        lab3.sfo_of_sweep(tmp_path / "nothing", 1.0)
 
 
 def test_sfo_table_and_critical_batch_sizes():
@@ -223,22 +224,22 @@ def test_sfo_table_and_critical_batch_sizes():
     ]
     df = pd.DataFrame(rows, columns=["optimizer", "batch_size", "seed", "sfo", "reached",
                                      "complete"])
-    table = lab34.sfo_table(df)
+    table = lab3.sfo_table(df)
     assert list(table) == ["sgd", "shb", "nshb"]
     assert table["sgd"] == {16: 150.0, 32: inf, 128: 640.0}
     assert table["shb"] == {16: inf}
-    assert lab34.critical_batch_sizes(table) == {"sgd": 16, "shb": None, "nshb": 8}
-    assert lab34.sfo_table(df.iloc[:0]) == {}
+    assert lab3.critical_batch_sizes(table) == {"sgd": 16, "shb": None, "nshb": 8}
+    assert lab3.sfo_table(df.iloc[:0]) == {}
 
 
 def test_c2_bounds_and_the_theorem_table():
     pv = critical.PAPER_VALUES
-    bounds = lab34.c2_bounds({**pv["critical_batch_size"], "extra": None}, lr=0.1, eps=0.5,
-                             beta=0.9)
-    for opt in lab34.OPTIMIZERS:
+    bounds = lab3.c2_bounds({**pv["critical_batch_size"], "extra": None}, lr=0.1, eps=0.5,
+                            beta=0.9)
+    for opt in lab3.OPTIMIZERS:
         assert math.isclose(bounds[opt], pv["c2_upper_bound"][opt], rel_tol=1e-4)
     assert bounds["extra"] is None
-    text = lab34.format_theorem_4_4_table()
+    text = lab3.format_theorem_4_4_table()
     assert "25.3187" in text and "1280.0000" in text and "101.1111" in text
 
 
@@ -246,21 +247,21 @@ def test_c2_bounds_and_the_theorem_table():
 
 
 def test_delta_table_follows_eqs_12_to_14():
-    table = lab34.paper_delta_table()
+    table = lab4.paper_delta_table()
     assert list(table) == ["sgd", "shb", "nshb"]
-    assert list(table["sgd"]) == list(lab34.BATCH_SIZES)
-    for b in lab34.BATCH_SIZES:
+    assert list(table["sgd"]) == list(lab3.BATCH_SIZES)
+    for b in lab3.BATCH_SIZES:
         assert math.isclose(table["sgd"][b], 0.1 * math.sqrt(1280 / b), rel_tol=1e-12)
         assert math.isclose(table["sgd"][b], table["nshb"][b], rel_tol=1e-12)  # C^2 (1 - beta)
         assert math.isclose(table["shb"][b], noise.delta_shb(0.1, b, 0.9, 25.318, 1.77**2))
         assert table["shb"][b] > 0.1 * math.sqrt(noise.momentum_factor(0.9)) * 1.77  # the floor
-    text = lab34.format_delta_table(table)
+    text = lab4.format_delta_table(table)
     assert text.splitlines()[1] == "     8 |    1.2649 |    2.2780 |    1.2649"
-    assert len(text.splitlines()) == 1 + len(lab34.BATCH_SIZES)
+    assert len(text.splitlines()) == 1 + len(lab3.BATCH_SIZES)
     with pytest.raises(ValueError, match="k2 .* is required for SHB"):
-        lab34.delta_table(lr=0.1, beta=0.9, c2={"shb": 1.0}, k2=None, batch_sizes=[8])
+        lab4.delta_table(lr=0.1, beta=0.9, c2={"shb": 1.0}, k2=None, batch_sizes=[8])
     with pytest.raises(ValueError, match="lr must be > 0"):
-        lab34.delta_table(lr=0.0, beta=0.9, c2={"sgd": 1.0}, k2=None, batch_sizes=[8])
+        lab4.delta_table(lr=0.0, beta=0.9, c2={"sgd": 1.0}, k2=None, batch_sizes=[8])
 
 
 # --------------------------------------------------------------------------- measured C^2
@@ -273,7 +274,7 @@ def test_measure_gradient_stats_is_gradient_variance_at_the_final_weights(sweep,
 
     out, _, result = sweep
     point = result.points[0]
-    stats = lab34.measure_gradient_stats(point.folder, n_images=64, seed=3)
+    stats = lab3.measure_gradient_stats(point.folder, n_images=64, seed=3)
     # The same measurement by hand.
     cfg = point.config
     data = prepare_data(cfg, torch.device("cpu"))
@@ -288,37 +289,37 @@ def test_measure_gradient_stats_is_gradient_variance_at_the_final_weights(sweep,
     assert math.isclose(stats.full_grad_norm_sq, want.full_grad_norm_sq, rel_tol=1e-9)
     # Cached: the second call measures nothing.
     monkeypatch.setattr(noise, "gradient_variance", lambda *a, **k: pytest.fail("not cached"))
-    assert lab34.measure_gradient_stats(point.folder, n_images=64, seed=3) == stats
+    assert lab3.measure_gradient_stats(point.folder, n_images=64, seed=3) == stats
 
 
 def test_measure_gradient_stats_errors(sweep, env, tmp_path):
     out, _, result = sweep
     folder = result.points[0].folder
     with pytest.raises(ValueError, match="n_images must be an integer >= 2"):
-        lab34.measure_gradient_stats(folder, n_images=1)
+        lab3.measure_gradient_stats(folder, n_images=1)
     with pytest.raises(ValueError, match="n_images=100000 exceeds the 512 training images"):
-        lab34.measure_gradient_stats(folder, n_images=100000)
+        lab3.measure_gradient_stats(folder, n_images=100000)
     with pytest.raises(FileNotFoundError, match="is not a run folder"):
-        lab34.measure_gradient_stats(tmp_path)
+        lab3.measure_gradient_stats(tmp_path)
     boom = tmp_path / "boom"  # a copy of the run, marked as diverged
     shutil.copytree(folder, boom)
     stored = json.loads((boom / "result.json").read_text())
     (boom / "result.json").write_text(json.dumps({**stored, "status": "diverged"}))
     with pytest.raises(ValueError, match="diverged"):
-        lab34.measure_gradient_stats(boom, n_images=16)
+        lab3.measure_gradient_stats(boom, n_images=16)
 
 
 def test_gradient_stats_of_sweep_and_max_by_optimizer(sweep):
     out, _, _ = sweep
-    stats = lab34.gradient_stats_of_sweep(out, n_images=64)
+    stats = lab3.gradient_stats_of_sweep(out, n_images=64)
     assert len(stats) == 4 and np.isfinite(stats["c2"]).all() and (stats["note"] == "").all()
-    best = lab34.max_by_optimizer(stats)
+    best = lab3.max_by_optimizer(stats)
     assert set(best) == {"sgd", "shb"}
     assert best["shb"] == stats.loc[stats["optimizer"] == "shb", "c2"].max()
-    assert lab34.max_by_optimizer(stats, "grad_norm_sq")["sgd"] == \
+    assert lab3.max_by_optimizer(stats, "grad_norm_sq")["sgd"] == \
         stats.loc[stats["optimizer"] == "sgd", "grad_norm_sq"].max()
     with pytest.raises(ValueError, match="stats has no column 'k2'"):
-        lab34.max_by_optimizer(stats, "k2")
+        lab3.max_by_optimizer(stats, "k2")
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -333,12 +334,12 @@ def test_accuracy_table_and_best_batch_sizes():
                    "finished"],
         "test_acc": [0.5, 0.7, 0.6, 0.99, nan, 0.4, 0.4],
     })
-    table = lab34.accuracy_table(df)
+    table = lab4.accuracy_table(df)
     assert table["sgd"] == {16: pytest.approx(0.6), 32: 0.6}  # stopped runs are left out
     assert math.isnan(table["shb"][16])
-    assert lab34.best_batch_sizes(table) == {"sgd": 16, "shb": None, "nshb": 16}
+    assert lab4.best_batch_sizes(table) == {"sgd": 16, "shb": None, "nshb": 16}
     with pytest.raises(ValueError, match="results has no column 'best_acc'"):
-        lab34.accuracy_table(df, "best_acc")
+        lab4.accuracy_table(df, "best_acc")
 
 
 # --------------------------------------------------------------------------- knobs
@@ -346,25 +347,24 @@ def test_accuracy_table_and_best_batch_sizes():
 
 @pytest.mark.parametrize("profile", ["smoke", "short", "paper"])
 def test_each_profiles_defaults_are_valid_and_make_the_grid(profile):
-    for defaults, validate, grid in ((lab34.lab3_defaults, lab34.lab3_validate, lab34.lab3_grid),
-                                     (lab34.lab4_defaults, lab34.lab4_validate, lab34.lab4_grid)):
-        values = {**defaults(profile), "profile": profile}
-        assert validate(values) == []
-        configs = grid(values)
+    for lab in (lab3, lab4):
+        values = {**lab.defaults(profile), "profile": profile}
+        assert lab.validate(values) == []
+        configs = lab.grid(values)
         assert len(configs) == 3 * len(values["batch_sizes"]) * values["seeds"]
         for cfg in configs:
-            assert cfg.dataset == lab34.DATASETS[profile] and cfg.profile == profile
+            assert cfg.dataset == lab3.DATASETS[profile] and cfg.profile == profile
             assert cfg.hparams == ({} if cfg.optimizer == "sgd" else {"beta": 0.9})
             assert cfg.lr == 0.1 and cfg.weight_decay == 0.0 and cfg.track_grad_norm
             cfg.resolved()
-    assert lab34.lab3_defaults("paper")["eps"] == critical.PAPER_VALUES["eps"]
-    assert lab34.lab3_defaults("paper")["batch_sizes"] == critical.PAPER_VALUES["batch_sizes"]
+    assert lab3.defaults("paper")["eps"] == critical.PAPER_VALUES["eps"]
+    assert lab3.defaults("paper")["batch_sizes"] == critical.PAPER_VALUES["batch_sizes"]
 
 
 def test_defaults_reject_unknown_profiles():
-    for defaults in (lab34.lab3_defaults, lab34.lab4_defaults):
+    for lab in (lab3, lab4):
         with pytest.raises(ValueError, match="profile must be one of smoke, short, paper"):
-            defaults("huge")
+            lab.defaults("huge")
 
 
 @pytest.mark.parametrize("knobs,message", [
@@ -382,36 +382,36 @@ def test_defaults_reject_unknown_profiles():
     ({"min_epochs": 5, "epochs": 3}, "the test starts after epoch 5 but the runs have only 3"),
 ])
 def test_lab3_validate_messages(knobs, message):
-    assert any(message in m for m in lab34.lab3_validate(_values(**knobs)))
+    assert any(message in m for m in lab3.validate(_values(**knobs)))
 
 
 def test_lab4_validate_messages():
-    values = {**lab34.lab4_defaults("smoke"), "profile": "smoke"}
-    assert lab34.lab4_validate(values) == []
-    assert lab34.lab4_validate({**values, "optimizers": ("sgd",), "beta": 5.0}) == []  # unused
-    msgs = lab34.lab4_validate({**values, "c2_source": "guess", "seeds": 8})
+    values = {**lab4.defaults("smoke"), "profile": "smoke"}
+    assert lab4.validate(values) == []
+    assert lab4.validate({**values, "optimizers": ("sgd",), "beta": 5.0}) == []  # unused
+    msgs = lab4.validate({**values, "c2_source": "guess", "seeds": 8})
     assert "C² source must be one of measured, paper; got 'guess'" in msgs
     assert "seeds must be at most 7; got 8" in msgs
 
 
 def _lab3_panel(out, **kw):
     return widgets.ExperimentPanel(
-        "Lab 3", controls=lab34.lab3_controls(), build_grid=lab34.lab3_grid, out_dir=out,
-        validate=lab34.lab3_validate, defaults=lab34.lab3_defaults, curve_label=lab34.run_label,
-        metric="grad_norm", callbacks=[lab34.GradNormLog()], on_result=lab34.lab3_on_result,
+        "Lab 3", controls=lab3.controls(), build_grid=lab3.grid, out_dir=out,
+        validate=lab3.validate, defaults=lab3.defaults, curve_label=lab3.label,
+        metric="grad_norm", callbacks=[lab3.GradNormLog()], on_result=lab3.on_result,
         profile="smoke", background=False, **kw)
 
 
 def _lab4_panel(out):
     return widgets.ExperimentPanel(
-        "Lab 4", controls=lab34.lab4_controls(), build_grid=lab34.lab4_grid, out_dir=out,
-        validate=lab34.lab4_validate, defaults=lab34.lab4_defaults, curve_label=lab34.run_label,
-        on_result=lab34.lab4_on_result, profile="smoke", background=False)
+        "Lab 4", controls=lab4.controls(), build_grid=lab4.grid, out_dir=out,
+        validate=lab4.validate, defaults=lab4.defaults, curve_label=lab4.label,
+        on_result=lab4.on_result, profile="smoke", background=False)
 
 
 def test_panels_take_every_profiles_defaults(env, tmp_path):
-    for panel, defaults in ((_lab3_panel(tmp_path), lab34.lab3_defaults),
-                            (_lab4_panel(tmp_path), lab34.lab4_defaults)):
+    for panel, defaults in ((_lab3_panel(tmp_path), lab3.defaults),
+                            (_lab4_panel(tmp_path), lab4.defaults)):
         for profile in ("paper", "short", "smoke"):
             panel.set_values(profile=profile)
             values = panel.values()
@@ -445,15 +445,15 @@ def test_lab3_panel_and_figure(sweep):
     assert all(p.loaded for p in result.points)  # the sweep's runs: nothing trains
     assert bytes(panel.figure.value).startswith(PNG)
     assert "every finished run reaches ε ≥" in panel.status_text
-    sfo = lab34.lab3_sfo(panel)
-    assert len(sfo) == 4 and set(lab34.lab3_run_table(sfo).columns) >= {"steps", "sfo"}
-    fig = lab34.lab3_figure(sfo, panel.values(), {"sgd": 10.0})
+    sfo = lab3.sfo(panel)
+    assert len(sfo) == 4 and set(lab3.run_table(sfo).columns) >= {"steps", "sfo"}
+    fig = lab3.figure(sfo, panel.values(), {"sgd": 10.0})
     labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in
               ax.get_legend().get_texts()]
     assert "paper: b* (SHB) = 2^10" in labels and "paper's bound" in labels
     assert "ε = 1.6" in labels
     with pytest.raises(ValueError, match="sfo has no runs"):
-        lab34.lab3_figure(sfo.iloc[:0], panel.values())
+        lab3.figure(sfo.iloc[:0], panel.values())
 
 
 def test_lab4_panel_constants_and_figure(sweep):
@@ -463,25 +463,25 @@ def test_lab4_panel_constants_and_figure(sweep):
     result = panel.run()
     assert all(p.loaded for p in result.points)
     assert bytes(panel.figure.value).startswith(PNG)
-    measured = lab34.lab4_constants(panel)
-    stats = lab34.gradient_stats_of_sweep(out, n_images=64)
-    assert measured == {"source": "measured", "c2": lab34.max_by_optimizer(stats),
-                        "k2": lab34.max_by_optimizer(stats, "grad_norm_sq")["shb"]}
+    measured = lab4.constants(panel)
+    stats = lab3.gradient_stats_of_sweep(out, n_images=64)
+    assert measured == {"source": "measured", "c2": lab3.max_by_optimizer(stats),
+                        "k2": lab3.max_by_optimizer(stats, "grad_norm_sq")["shb"]}
     panel.set_values(c2_source="paper")
-    paper = lab34.lab4_constants(panel)
+    paper = lab4.constants(panel)
     assert paper == {"source": "paper", "c2": {"sgd": 1280.0, "shb": 25.318},
                      "k2": pytest.approx(1.77**2)}
     results = panel.results
-    assert lab34.accuracy_table(results).keys() == {"sgd", "shb"}
-    assert len(lab34.lab4_run_table(results)) == 4
-    fig = lab34.lab4_figure(results, panel.values(), paper)
+    assert lab4.accuracy_table(results).keys() == {"sgd", "shb"}
+    assert len(lab4.run_table(results)) == 4
+    fig = lab4.figure(results, panel.values(), paper)
     labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in
               ax.get_legend().get_texts()]
     assert "paper: best δ ≈ 0.2-1" in labels and "paper: SHB (C²=25.318)" in labels
     # Outside the smoke profile the accuracy axes also carry the paper's accuracy bands.
-    fig = lab34.lab4_figure(results, {**panel.values(), "profile": "short"}, paper)
+    fig = lab4.figure(results, {**panel.values(), "profile": "short"}, paper)
     short = {t.get_text() for ax in fig.axes if ax.get_legend()
              for t in ax.get_legend().get_texts()}
     assert {"paper: high (70-100%)", "paper: intermediate (65-70%)"} <= short - set(labels)
     with pytest.raises(ValueError, match="no finished runs"):
-        lab34.lab4_figure(results.iloc[:0], panel.values(), paper)
+        lab4.figure(results.iloc[:0], panel.values(), paper)

@@ -1,19 +1,14 @@
-"""Glue between labs 3 and 4 and labkit: critical batch size, C^2, smoothing degree, accuracy.
+"""Lab 3, the critical batch size (``labs/lab3_critical_batch.ipynb``), and what lab 4 shares.
 
-Book: chapter 8 (critical batch size, estimating C^2, smoothing degree and generalization),
-following Sato & Iiduka (2024), "Role of momentum in smoothing objective function and
-generalizability of deep neural networks", arXiv:2402.02325 (seed 004, §4.2-5.1, Figs. 4-7).
-
-Lab 3, the critical batch size (seed 004 Fig. 4 and §4.3): SGD, SHB and NSHB over a grid of
-batch sizes b; T(b) is the first step at which the running mean of the mini-batch gradient norms,
-(1/t) sum_{s<=t} ||grad f_{S_s}(x_{s-1})||, is <= eps (the test of the authors' code); the SFO
-complexity is T b and the critical batch size b* = argmin_b T b. Theorem 4.4 read backwards turns
-b* into an upper bound on C^2 (:func:`labkit.critical.c2_upper_bound`), which the lab sets beside
-C^2 measured directly at the runs' final weights (:func:`labkit.noise.gradient_variance`).
-
-Lab 4, smoothing degree and generalization (seed 004 Figs. 5-7): test accuracy against b and
-against the smoothing degree delta of eqs. (12)-(14) (:func:`labkit.noise.smoothing_degree`),
-with C^2 (and K^2 for SHB) either measured at the runs' final weights or the paper's values.
+Reproduces seed 004 Fig. 4 and §4.3 (Sato & Iiduka (2024), "Role of momentum in smoothing
+objective function and generalizability of deep neural networks", arXiv:2402.02325): SGD, SHB
+and NSHB over a grid of batch sizes b; T(b) is the first step at which the running mean of the
+mini-batch gradient norms, (1/t) sum_{s<=t} ||grad f_{S_s}(x_{s-1})||, is <= eps (the test of
+the authors' code); the SFO complexity is T b and the critical batch size b* = argmin_b T b.
+Theorem 4.4 read backwards turns b* into an upper bound on C^2
+(:func:`labkit.critical.c2_upper_bound`), which the lab sets beside C^2 measured directly at the
+runs' final weights (:func:`labkit.noise.gradient_variance`). Book: chapter 8 (critical batch
+size, estimating C^2).
 
 How T is measured. The runs of a lab are ordinary sweep runs (:func:`labkit.experiments.run_sweep`)
 of a fixed number of epochs. :class:`GradNormLog` keeps the mini-batch gradient norm of every step
@@ -22,6 +17,11 @@ epoch, computed after training: changing eps re-reads the logs and trains nothin
 it gives the T of :func:`labkit.critical.measure_sfo` (which stops each run at T instead, and so
 measures one eps per training). A run trained without the log falls back to
 :func:`labkit.experiments.sfo_from_history` (T rounded up to an epoch end; ``exact`` is False).
+
+Lab 4 (:mod:`labkit.labs.lab4`) trains the same sweep and takes from here the methods and batch
+sizes of seed 004 (:data:`OPTIMIZERS`, :data:`BATCH_SIZES`), the panel's optimizer and batch-size
+selectors and their checks, the grid (:func:`grid`), the run names (:func:`label`) and C^2
+measured at the runs' final weights (:func:`gradient_stats_of_sweep`, :func:`max_by_optimizer`).
 """
 
 from __future__ import annotations
@@ -37,53 +37,48 @@ import numpy as np
 import torch
 
 from labkit import critical
-from labkit import noise as lk_noise
 from labkit import widgets as lk_widgets
 from labkit.experiments.results import GRADIENT_STATS_FILE, measure_gradient_stats
-from labkit.train import PROFILES, Callback, RunResult, RunState, TrainConfig
+from labkit.labs.setup import check_profile, is_finite, is_int_at_least, is_positive
+from labkit.train import Callback, RunResult, RunState, TrainConfig
 
 __all__ = [
     "BATCH_SIZES",
     "DATASETS",
     "GRADIENT_STATS_FILE",
     "GRAD_NORMS_FILE",
+    "LAB_ID",
     "OPTIMIZERS",
     "OPTIMIZER_LABELS",
     "GradNormLog",
-    "accuracy_table",
-    "best_batch_sizes",
+    "batch_size_selector",
     "c2_bounds",
+    "controls",
     "critical_batch_sizes",
-    "delta_table",
-    "format_delta_table",
+    "defaults",
+    "figure",
     "format_theorem_4_4_table",
     "gradient_stats_of_sweep",
-    "lab3_controls",
-    "lab3_defaults",
-    "lab3_figure",
-    "lab3_grid",
-    "lab3_on_result",
-    "lab3_run_table",
-    "lab3_sfo",
-    "lab3_validate",
-    "lab4_constants",
-    "lab4_controls",
-    "lab4_defaults",
-    "lab4_figure",
-    "lab4_grid",
-    "lab4_on_result",
-    "lab4_run_table",
-    "lab4_validate",
+    "grid",
+    "label",
     "load_grad_norms",
     "max_by_optimizer",
     "measure_gradient_stats",
-    "paper_delta_table",
-    "run_label",
+    "on_result",
+    "optimizer_selector",
+    "run_table",
     "running_mean",
+    "sfo",
     "sfo_of_sweep",
     "sfo_table",
+    "sized_figure",
     "steps_to_threshold",
+    "validate",
+    "validate_sweep",
 ]
+
+#: The lab's notebook, without ``.ipynb``.
+LAB_ID = "lab3_critical_batch"
 
 #: The three methods of seed 004, in its order.
 OPTIMIZERS: tuple[str, ...] = ("sgd", "shb", "nshb")
@@ -96,28 +91,6 @@ BATCH_SIZES: tuple[int, ...] = tuple(critical.PAPER_VALUES["batch_sizes"])
 DATASETS = {"smoke": "cifar10", "short": "cifar100", "paper": "cifar100"}
 #: File of a run folder with the mini-batch gradient norm of every step (little-endian float32).
 GRAD_NORMS_FILE = "grad-norms.f32"
-
-_C2_SOURCES = {"measured": "measured at your runs' final weights",
-               "paper": "the paper's values (ResNet-18, CIFAR-100)"}
-
-
-def _check_profile(profile: Any) -> str:
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}")
-    return profile
-
-
-def _positive(value: Any) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value) and value > 0)
-
-
-def _int_at_least(value: Any, low: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= low
-
-
-def _finite(value: Any) -> bool:
-    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 # =========================================================================== the gradient-norm log
@@ -215,9 +188,9 @@ def steps_to_threshold(norms: Any, eps: float, first_step: int = 1) -> int | Non
     Raises:
         ValueError: ``eps`` is not a positive finite number, or ``first_step`` not an int >= 1.
     """
-    if not _positive(eps):
+    if not is_positive(eps):
         raise ValueError(f"eps must be a positive finite number (a gradient norm); got {eps!r}")
-    if not _int_at_least(first_step, 1):
+    if not is_int_at_least(first_step, 1):
         raise ValueError(f"first_step must be an integer >= 1; got {first_step!r}")
     m = running_mean(norms)
     hit = np.nonzero(m[first_step - 1:] <= eps)[0]
@@ -260,9 +233,9 @@ def sfo_of_sweep(folder: str | os.PathLike, eps: float, *, min_epochs: int = 0,
 
     from labkit.experiments import load_history, load_results, sfo_from_history
 
-    if not _positive(eps):
+    if not is_positive(eps):
         raise ValueError(f"eps must be a positive finite number (a gradient norm); got {eps!r}")
-    if not _int_at_least(min_epochs, 0):
+    if not is_int_at_least(min_epochs, 0):
         raise ValueError(f"min_epochs must be an integer >= 0; got {min_epochs!r}")
     folder = Path(folder)
     results = load_results(folder)
@@ -304,7 +277,7 @@ def sfo_of_sweep(folder: str | os.PathLike, eps: float, *, min_epochs: int = 0,
         rows.append({
             "run": r["run"], "optimizer": r["optimizer"], "batch_size": b,
             "seed": int(r["seed"]), "lr": float(r["lr"]),
-            "beta": float(beta) if _finite(beta) else None, "status": status,
+            "beta": float(beta) if is_finite(beta) else None, "status": status,
             "epochs_completed": int(r["epochs_completed"] or 0), "steps": steps,
             "sfo": float(steps * b) if steps is not None else math.inf,
             "reached": steps is not None, "complete": status in ("finished", "diverged"),
@@ -319,7 +292,7 @@ def sfo_of_sweep(folder: str | os.PathLike, eps: float, *, min_epochs: int = 0,
     return df
 
 
-def lab3_sfo(panel: Any) -> Any:
+def sfo(panel: Any) -> Any:
     """:func:`sfo_of_sweep` of a lab 3 panel's runs, with the panel's eps and first tested
     epoch (``panel.values()["eps"]``, ``["min_epochs"]``)."""
     values = panel.values()
@@ -355,7 +328,7 @@ def critical_batch_sizes(table: Mapping[str, Mapping[int, float]]) -> dict[str, 
     smallest b on a tie), None for an optimizer none of whose batch sizes reached eps."""
     out: dict[str, int | None] = {}
     for opt, row in table.items():
-        finite = {int(b): float(v) for b, v in row.items() if _finite(v)}
+        finite = {int(b): float(v) for b, v in row.items() if is_finite(v)}
         out[opt] = critical.critical_batch_size(finite) if finite else None
     return out
 
@@ -448,25 +421,30 @@ def max_by_optimizer(stats: Any, column: str = "c2") -> dict[str, float]:
 
 
 # =========================================================================== the panels' knobs
+# Shared with lab 4 (labkit.labs.lab4 imports them).
 
 
-def _multi_optimizers() -> Any:
+def optimizer_selector() -> Any:
+    """The multi-select of seed 004's optimizers (SGD, SHB, NSHB), shared with lab 4."""
     return lk_widgets.multi_select(
         "optimizers", [("SGD", "sgd"), ("SHB (heavy ball)", "shb"),
                        ("NSHB (normalized heavy ball)", "nshb")])
 
 
-def _multi_batch_sizes() -> Any:
+def batch_size_selector() -> Any:
+    """The multi-select of the paper's batch sizes 2^3 ... 2^13, shared with lab 4."""
     return lk_widgets.multi_select("batch sizes b", [(str(b), b) for b in BATCH_SIZES], rows=6)
 
 
-def run_label(config: TrainConfig) -> str:
+def label(config: TrainConfig) -> str:
     """``"SGD b=64"``, ``"SHB b=512 s1"`` (seeds other than 0 get a suffix)."""
     name = OPTIMIZER_LABELS.get(config.optimizer, config.optimizer)
     return f"{name} b={config.batch_size}" + (f" s{config.seed}" if config.seed else "")
 
 
-def _validate_common(values: Mapping[str, Any], max_seeds: int) -> list[str]:
+def validate_sweep(values: Mapping[str, Any], max_seeds: int) -> list[str]:
+    """Why the sweep knobs that labs 3 and 4 share cannot run, as messages (empty if they can):
+    optimizers, batch sizes, learning rate, beta, epochs, seeds (at most ``max_seeds``)."""
     msgs = []
     opts = tuple(values.get("optimizers") or ())
     if not opts:
@@ -477,9 +455,9 @@ def _validate_common(values: Mapping[str, Any], max_seeds: int) -> list[str]:
     sizes = tuple(values.get("batch_sizes") or ())
     if not sizes:
         msgs.append("choose at least one batch size")
-    elif any(not _int_at_least(b, 1) for b in sizes):
+    elif any(not is_int_at_least(b, 1) for b in sizes):
         msgs.append(f"batch sizes must be integers >= 1; got {sizes}")
-    if not _positive(values.get("lr")):
+    if not is_positive(values.get("lr")):
         msgs.append(f"learning rate η must be > 0; got {values.get('lr')}")
     beta = values.get("beta")
     beta_ok = (not isinstance(beta, bool) and isinstance(beta, (int, float))
@@ -491,34 +469,19 @@ def _validate_common(values: Mapping[str, Any], max_seeds: int) -> list[str]:
         msgs.append(f"momentum β must be in [0, 1) for NSHB; got {beta}")
     for name in ("epochs", "seeds"):
         v = values.get(name)
-        if not _int_at_least(v, 1):
+        if not is_int_at_least(v, 1):
             msgs.append(f"{name} must be an integer >= 1; got {v}")
-    if _int_at_least(values.get("seeds"), 1) and values["seeds"] > max_seeds:
+    if is_int_at_least(values.get("seeds"), 1) and values["seeds"] > max_seeds:
         msgs.append(f"seeds must be at most {max_seeds}; got {values['seeds']}")
     n = values.get("c2_images")
-    if not _int_at_least(n, 2):
+    if not is_int_at_least(n, 2):
         msgs.append(f"images for the measured C² must be an integer >= 2; got {n}")
     return msgs
 
 
-def _grid(values: Mapping[str, Any]) -> list[TrainConfig]:
-    profile = _check_profile(values["profile"])
-    runs = []
-    for opt in values["optimizers"]:
-        hparams = {} if opt == "sgd" else {"beta": float(values["beta"])}
-        for b in values["batch_sizes"]:
-            for seed in range(values["seeds"]):
-                runs.append(TrainConfig(
-                    dataset=DATASETS[profile], optimizer=opt, lr=float(values["lr"]),
-                    hparams=hparams, batch_size=int(b), epochs=values["epochs"], seed=seed,
-                    weight_decay=0.0, track_grad_norm=True, profile=profile,
-                ))
-    return runs
+# =========================================================================== lab 3's panel
 
-
-# =========================================================================== lab 3
-
-_LAB3_DEFAULTS = {
+_DEFAULTS = {
     # CPU, generated 10-class data, tiny CNN: 12 runs of 3 epochs in about half a minute. With
     # eps = 1.3 every optimizer has a b* and SGD's SFO curve is U-shaped.
     "smoke": {"batch_sizes": (16, 32, 64, 128), "eps": 1.3, "min_epochs": 1, "epochs": 3,
@@ -533,13 +496,13 @@ _LAB3_DEFAULTS = {
 }
 
 
-def lab3_controls() -> dict[str, Any]:
+def controls() -> dict[str, Any]:
     """The knobs of lab 3's panel. ``eps``, ``min_epochs`` and ``c2_images`` only change the
     analysis: changing them reloads the runs and trains nothing."""
     W = lk_widgets
     return {
-        "optimizers": _multi_optimizers(),
-        "batch_sizes": _multi_batch_sizes(),
+        "optimizers": optimizer_selector(),
+        "batch_sizes": batch_size_selector(),
         "lr": W.float_text("learning rate η", 0.1),
         "beta": W.float_text("momentum β (SHB, NSHB)", 0.9),
         "eps": W.float_text("threshold ε", 0.5),
@@ -550,39 +513,50 @@ def lab3_controls() -> dict[str, Any]:
     }
 
 
-def lab3_defaults(profile: str) -> dict[str, Any]:
+def defaults(profile: str) -> dict[str, Any]:
     """The knob values of each profile (η = 0.1 and β = 0.9 as in the paper)."""
-    _check_profile(profile)
+    check_profile(profile)
     return {"optimizers": OPTIMIZERS, "lr": 0.1, "beta": 0.9, "seeds": 1,
-            **_LAB3_DEFAULTS[profile]}
+            **_DEFAULTS[profile]}
 
 
-def lab3_validate(values: Mapping[str, Any]) -> list[str]:
+def validate(values: Mapping[str, Any]) -> list[str]:
     """Why lab 3's knobs cannot run, as messages (empty when they can)."""
-    msgs = _validate_common(values, max_seeds=3)
+    msgs = validate_sweep(values, max_seeds=3)
     eps = values.get("eps")
-    if not _positive(eps):
+    if not is_positive(eps):
         msgs.append(f"threshold ε must be > 0 (a gradient norm); got {eps}")
     m, e = values.get("min_epochs"), values.get("epochs")
-    if not _int_at_least(m, 0):
+    if not is_int_at_least(m, 0):
         msgs.append(f"the first tested epoch must be an integer >= 0; got {m}")
-    elif _int_at_least(e, 1) and m > e:
+    elif is_int_at_least(e, 1) and m > e:
         msgs.append(f"the test starts after epoch {m} but the runs have only {e} epochs: the "
                     f"test would never be applied; use a first tested epoch <= {e}")
     return msgs
 
 
-def lab3_grid(values: Mapping[str, Any]) -> list[TrainConfig]:
+def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
     """The runs lab 3's knobs ask for: optimizer x batch size x seed, each ``epochs`` long.
 
     CIFAR-100 with ResNet-18 in short/paper (the generated 10-class set and the tiny CNN in
     smoke, see :data:`DATASETS`), constant learning rate, no weight decay, the standard
     augmentation, gradient norms tracked. eps does not enter: T is computed afterwards.
     """
-    return _grid(values)
+    profile = check_profile(values["profile"])
+    runs = []
+    for opt in values["optimizers"]:
+        hparams = {} if opt == "sgd" else {"beta": float(values["beta"])}
+        for b in values["batch_sizes"]:
+            for seed in range(values["seeds"]):
+                runs.append(TrainConfig(
+                    dataset=DATASETS[profile], optimizer=opt, lr=float(values["lr"]),
+                    hparams=hparams, batch_size=int(b), epochs=values["epochs"], seed=seed,
+                    weight_decay=0.0, track_grad_norm=True, profile=profile,
+                ))
+    return runs
 
 
-def lab3_run_table(sfo: Any) -> Any:
+def run_table(sfo: Any) -> Any:
     """The columns of :func:`sfo_of_sweep` worth reading, one row per run."""
     cols = ["optimizer", "batch_size", "seed", "status", "epochs_completed", "steps", "sfo",
             "reached", "lowest_mean", "exact"]
@@ -597,7 +571,8 @@ def _thin(n: int, keep: int = 1500) -> np.ndarray:
     return np.union1d(idx, [n - 1])
 
 
-def _new_figure(fig: Any, size: tuple[float, float]) -> Any:
+def sized_figure(fig: Any, size: tuple[float, float]) -> Any:
+    """``fig`` resized to ``size`` (inches), or a new constrained-layout figure of that size."""
     if fig is not None:
         fig.set_size_inches(*size)
         return fig
@@ -606,8 +581,8 @@ def _new_figure(fig: Any, size: tuple[float, float]) -> Any:
     return plt.figure(figsize=size, layout="constrained")
 
 
-def lab3_figure(sfo: Any, values: Mapping[str, Any], c2_measured: Mapping[str, float] | None = None,
-                *, fig: Any = None) -> Any:
+def figure(sfo: Any, values: Mapping[str, Any], c2_measured: Mapping[str, float] | None = None,
+           *, fig: Any = None) -> Any:
     """Seed 004 Fig. 4 from your runs, and the C^2 bounds it implies.
 
     Top row, one panel per optimizer: the running mean of the mini-batch gradient norms
@@ -635,7 +610,7 @@ def lab3_figure(sfo: Any, values: Mapping[str, Any], c2_measured: Mapping[str, f
         raise ValueError("sfo has no runs: run the panel first (panel.run())")
     eps, lr, beta = float(values["eps"]), float(values["lr"]), float(values["beta"])
     opts = [o for o in OPTIMIZERS if o in set(sfo["optimizer"])]
-    fig = _new_figure(fig, (4.4 * max(len(opts), 2) + 1, 7.6))
+    fig = sized_figure(fig, (4.4 * max(len(opts), 2) + 1, 7.6))
     mosaic = [opts, ["sfo"] * (len(opts) - 1) + ["c2"]] if len(opts) > 1 else \
         [[opts[0], "sfo", "c2"]]
     axes = fig.subplot_mosaic(mosaic)
@@ -665,7 +640,7 @@ def lab3_figure(sfo: Any, values: Mapping[str, Any], c2_measured: Mapping[str, f
         ax.legend(fontsize="x-small")
     table = sfo_table(sfo)
     ax = axes["sfo"]
-    if any(_finite(v) for row in table.values() for v in row.values()):
+    if any(is_finite(v) for row in table.values() for v in row.values()):
         plot_sfo_vs_batch_size(table, paper=True, ax=ax)
     else:
         ax.text(0.5, 0.5, f"no batch size reached ε = {eps:g}:\nraise ε or train longer",
@@ -688,7 +663,7 @@ def _c2_bars(ax: Any, opts: Sequence[str], bounds: Mapping[str, float | None],
         xs, ys = [], []
         for i, opt in enumerate(opts):
             v = values.get(opt)
-            if _finite(v) and v > 0:
+            if is_finite(v) and v > 0:
                 xs.append(i + (k - 1) * width)
                 ys.append(float(v))
         if xs:
@@ -702,219 +677,19 @@ def _c2_bars(ax: Any, opts: Sequence[str], bounds: Mapping[str, float | None],
     ax.grid(True, axis="y", which="both", alpha=0.3)
 
 
-def lab3_on_result(panel: Any) -> None:
-    """After each sweep of lab 3's panel: draw :func:`lab3_figure` into the panel (measured
+def on_result(panel: Any) -> None:
+    """After each sweep of lab 3's panel: draw :func:`figure` into the panel (measured
     C^2 included) and say in the status line which eps every run reaches."""
     values = panel.values()
-    sfo = lab3_sfo(panel)
-    if len(sfo) == 0:
+    runs = sfo(panel)
+    if len(runs) == 0:
         return
-    stats = gradient_stats_of_sweep(panel.out_dir, runs=list(sfo["run"]),
+    stats = gradient_stats_of_sweep(panel.out_dir, runs=list(runs["run"]),
                                     n_images=values["c2_images"])
     fig = lk_widgets.new_figure((13.0, 7.6))
-    panel.show(lab3_figure(sfo, values, max_by_optimizer(stats), fig=fig))
-    reach = sfo[sfo["complete"]]["lowest_mean"]
+    panel.show(figure(runs, values, max_by_optimizer(stats), fig=fig))
+    reach = runs[runs["complete"]]["lowest_mean"]
     if len(reach) and np.isfinite(reach).all():
         panel.set_status("", html_text=panel.status.value + " &middot; every finished run "
                          f"reaches ε &ge; {float(reach.max()):.3g}")
 
-
-# =========================================================================== lab 4
-
-_LAB4_DEFAULTS = {
-    # CPU, generated 10-class data, tiny CNN: 12 runs of 3 epochs.
-    "smoke": {"batch_sizes": (16, 32, 64, 128), "epochs": 3, "seeds": 1, "c2_images": 128},
-    # One GPU: ResNet-18 on CIFAR-100, 5 batch sizes, 15 epochs.
-    "short": {"batch_sizes": (128, 256, 512, 1024, 2048), "epochs": 15, "seeds": 1,
-              "c2_images": 1024},
-    # Seed 004 Fig. 6: b = 2^3 ... 2^13, 200 epochs (the paper averages 7 seeds).
-    "paper": {"batch_sizes": BATCH_SIZES, "epochs": 200, "seeds": 1, "c2_images": 2048},
-}
-
-
-def lab4_controls() -> dict[str, Any]:
-    """The knobs of lab 4's panel. ``c2_source`` and ``c2_images`` only change the analysis."""
-    W = lk_widgets
-    return {
-        "optimizers": _multi_optimizers(),
-        "batch_sizes": _multi_batch_sizes(),
-        "lr": W.float_text("learning rate η", 0.1),
-        "beta": W.float_text("momentum β (SHB, NSHB)", 0.9),
-        "epochs": W.int_slider("epochs", 1, 200, 3),
-        "seeds": W.int_slider("seeds", 1, 7, 1),
-        "c2_source": W.dropdown("C² and K²", [(v, k) for k, v in _C2_SOURCES.items()]),
-        "c2_images": W.int_text("images for the measured C²", 1024),
-    }
-
-
-def lab4_defaults(profile: str) -> dict[str, Any]:
-    """The knob values of each profile (η = 0.1, β = 0.9, C^2 measured)."""
-    _check_profile(profile)
-    return {"optimizers": OPTIMIZERS, "lr": 0.1, "beta": 0.9, "c2_source": "measured",
-            **_LAB4_DEFAULTS[profile]}
-
-
-def lab4_validate(values: Mapping[str, Any]) -> list[str]:
-    """Why lab 4's knobs cannot run, as messages (empty when they can)."""
-    msgs = _validate_common(values, max_seeds=7)
-    if values.get("c2_source") not in _C2_SOURCES:
-        msgs.append(f"C² source must be one of {', '.join(_C2_SOURCES)}; "
-                    f"got {values.get('c2_source')!r}")
-    return msgs
-
-
-def lab4_grid(values: Mapping[str, Any]) -> list[TrainConfig]:
-    """The runs lab 4's knobs ask for: optimizer x batch size x seed (as :func:`lab3_grid`)."""
-    return _grid(values)
-
-
-def lab4_run_table(results: Any) -> Any:
-    """The columns of lab 4's runs that matter (from ``panel.results``), one row per run."""
-    cols = ["optimizer", "batch_size", "seed", "lr", "beta", "epochs_completed", "status",
-            "test_acc", "best_test_acc", "train_acc"]
-    return results[[c for c in cols if c in results.columns]].reset_index(drop=True)
-
-
-def accuracy_table(results: Any, metric: str = "test_acc") -> dict[str, dict[int, float]]:
-    """``{optimizer: {batch size: mean final test accuracy over seeds}}`` of the finished runs
-    (accuracies in [0, 1]; a diverged run's NaN makes its entry NaN, saved as null)."""
-    if metric not in results.columns:
-        raise ValueError(f"results has no column {metric!r}")
-    done = results[results["status"].isin(["finished", "diverged"])]
-    table: dict[str, dict[int, float]] = {}
-    for opt in [o for o in OPTIMIZERS if o in set(done["optimizer"])]:
-        g = done[done["optimizer"] == opt]
-        table[opt] = {int(b): float(gb[metric].astype(float).mean(skipna=False))
-                      for b, gb in sorted(g.groupby("batch_size"), key=lambda kv: kv[0])}
-    return table
-
-
-def best_batch_sizes(table: Mapping[str, Mapping[int, float]]) -> dict[str, int | None]:
-    """The batch size with the highest accuracy per optimizer (the smallest on a tie; None
-    when no entry is finite)."""
-    out: dict[str, int | None] = {}
-    for opt, row in table.items():
-        finite = [(float(v), int(b)) for b, v in row.items() if _finite(v)]
-        out[opt] = max(finite, key=lambda t: (t[0], -t[1]))[1] if finite else None
-    return out
-
-
-def lab4_constants(panel: Any) -> dict[str, Any]:
-    """C^2 per optimizer and K^2 (for SHB's delta) as the panel's ``c2_source`` asks.
-
-    ``"measured"``: the largest C^2 and ||grad f||^2 measured at the final weights of each
-    optimizer's finished runs (:func:`gradient_stats_of_sweep`; lower estimates of the paper's
-    constants, which bound every iterate). ``"paper"``: the C^2 bounds of seed 004 §4.3 and
-    K = 1.77 for SHB from the authors' code (upper bounds, for ResNet-18 on CIFAR-100).
-
-    Returns:
-        ``{"source": ..., "c2": {optimizer: C^2}, "k2": K^2 or None (no SHB run)}``.
-    """
-    values = panel.values()
-    opts = list(values["optimizers"])
-    if values["c2_source"] == "paper":
-        pv = critical.PAPER_VALUES
-        return {"source": "paper", "c2": {o: float(pv["c2_upper_bound"][o]) for o in opts},
-                "k2": float(pv["k"]["shb"]) ** 2 if "shb" in opts else None}
-    stats = gradient_stats_of_sweep(panel.out_dir, runs=list(panel.results["run"]),
-                                    n_images=values["c2_images"])
-    c2 = max_by_optimizer(stats, "c2")
-    k2 = max_by_optimizer(stats, "grad_norm_sq").get("shb")
-    return {"source": "measured", "c2": c2, "k2": k2}
-
-
-def delta_table(*, lr: float, beta: float, c2: Mapping[str, float], k2: float | None,
-                batch_sizes: Sequence[int]) -> dict[str, dict[int, float]]:
-    """``{optimizer: {batch size: delta}}``, seed 004 eqs. (12)-(14)
-    (:func:`labkit.noise.smoothing_degree`), for each optimizer of ``c2``.
-
-    Raises:
-        ValueError: SHB without ``k2``, or a bad lr / beta / C^2 / batch size.
-    """
-    out: dict[str, dict[int, float]] = {}
-    for opt in [o for o in OPTIMIZERS if o in c2]:
-        if opt == "shb" and k2 is None:
-            raise ValueError("k2 (K^2, a bound on E||grad f||^2) is required for SHB's delta "
-                             "(seed 004 eq. (13)); the authors' code uses K = 1.77")
-        out[opt] = {int(b): float(lk_noise.smoothing_degree(
-            opt, lr=lr, batch_size=int(b), c2=float(c2[opt]), beta=beta, k2=k2))
-            for b in sorted(batch_sizes)}
-    return out
-
-
-def paper_delta_table() -> dict[str, dict[int, float]]:
-    """:func:`delta_table` with the paper's values: eta = 0.1, beta = 0.9, the C^2 bounds
-    1280 / 25.318 / 128, K = 1.77 for SHB, b = 2^3 ... 2^13 (seed 004 Fig. 5)."""
-    pv = critical.PAPER_VALUES
-    return delta_table(lr=pv["lr"], beta=pv["beta"], c2=pv["c2_upper_bound"],
-                       k2=pv["k"]["shb"] ** 2, batch_sizes=pv["batch_sizes"])
-
-
-def format_delta_table(table: Mapping[str, Mapping[int, float]], digits: int = 4) -> str:
-    """A delta table as fixed-precision text: one line per batch size, one column per
-    optimizer."""
-    opts = list(table)
-    sizes = sorted({int(b) for row in table.values() for b in row})
-    lines = ["     b | " + " | ".join(f"{OPTIMIZER_LABELS.get(o, o):>9}" for o in opts)]
-    for b in sizes:
-        cells = [f"{table[o][b]:9.{digits}f}" if b in table[o] else " " * 9 for o in opts]
-        lines.append(f"{b:6d} | " + " | ".join(cells))
-    return "\n".join(lines)
-
-
-def lab4_figure(results: Any, values: Mapping[str, Any], constants: Mapping[str, Any],
-                *, fig: Any = None) -> Any:
-    """Seed 004 Fig. 7 from your runs: delta against b, test accuracy against b, and test
-    accuracy against delta.
-
-    delta comes from each run's lr, b and beta with ``constants`` (:func:`lab4_constants`).
-    Paper overlays, labelled as the paper's: the delta curves of its C^2 bounds and K (dashed),
-    its range of delta that generalized best (0.2 to 1, shaded) and, outside the smoke profile,
-    its accuracy bands (>= 70% high, >= 65% intermediate).
-
-    Raises:
-        ValueError: no finished runs.
-    """
-    from labkit.experiments import (
-        plot_accuracy_vs_batch_size,
-        plot_accuracy_vs_delta,
-        plot_delta_vs_batch_size,
-    )
-
-    done = results[results["status"] == "finished"]
-    if len(done) == 0:
-        raise ValueError("no finished runs to plot: run the panel first (panel.run())")
-    c2 = {o: v for o, v in constants["c2"].items() if _finite(v)}
-    k2 = constants.get("k2")
-    if "shb" in c2 and k2 is None:
-        c2.pop("shb")
-    paper_scale = values["profile"] != "smoke"
-    fig = _new_figure(fig, (15.0, 4.4))
-    ax_d, ax_b, ax_a = fig.subplots(1, 3)
-    sizes = sorted(set(int(b) for b in done["batch_size"]) | set(BATCH_SIZES))
-    plot_delta_vs_batch_size(c2 or None, lr=float(values["lr"]), beta=float(values["beta"]),
-                             k2={"shb": k2} if k2 is not None else None, batch_sizes=sizes,
-                             paper=True, ax=ax_d)
-    ax_d.set_title(f"δ against b (Fig. 5), C² {constants['source']}", fontsize="medium")
-    plot_accuracy_vs_batch_size(done, paper=paper_scale, ax=ax_b)
-    ax_b.set_title("test accuracy against b (Fig. 6)", fontsize="medium")
-    if c2:
-        plot_accuracy_vs_delta(done, c2, k2={"shb": k2} if k2 is not None else None,
-                               paper=paper_scale, ax=ax_a)
-    if not paper_scale or not c2:
-        lo, hi = critical.PAPER_VALUES["best_delta_range"]
-        ax_a.axvspan(lo, hi, color="0.5", alpha=0.12, linewidth=0,
-                     label=f"paper: best δ ≈ {lo:g}-{hi:g}")
-        ax_a.set_xscale("log")
-        ax_a.legend(fontsize="small")
-    ax_a.set_title("test accuracy against δ (Fig. 7 right)", fontsize="medium")
-    return fig
-
-
-def lab4_on_result(panel: Any) -> None:
-    """After each sweep of lab 4's panel: draw :func:`lab4_figure` into the panel."""
-    results = panel.results
-    if not (results["status"] == "finished").any():
-        return
-    fig = lk_widgets.new_figure((15.0, 4.4))
-    panel.show(lab4_figure(results, panel.values(), lab4_constants(panel), fig=fig))
