@@ -485,3 +485,8 @@ def test_lab4_panel_constants_and_figure(sweep):
     assert {"paper: high (70-100%)", "paper: intermediate (65-70%)"} <= short - set(labels)
     with pytest.raises(ValueError, match="no finished runs"):
         lab4.figure(results.iloc[:0], panel.values(), paper)
+
+
+def test_unknown_optimizer_is_named_with_the_valid_ones():
+    values = {**lab3.defaults("smoke"), "profile": "smoke", "optimizers": ("sgd", "adam")}
+    assert "unknown optimizer(s) adam; valid: sgd, shb, nshb" in lab3.validate(values)

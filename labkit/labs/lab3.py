@@ -39,7 +39,13 @@ import torch
 from labkit import critical
 from labkit import widgets as lk_widgets
 from labkit.experiments.results import GRADIENT_STATS_FILE, measure_gradient_stats
-from labkit.labs.setup import check_profile, is_finite, is_int_at_least, is_positive
+from labkit.labs.setup import (
+    check_profile,
+    is_finite,
+    is_int_at_least,
+    is_positive,
+    selection_messages,
+)
 from labkit.train import Callback, RunResult, RunState, TrainConfig
 
 __all__ = [
@@ -445,17 +451,11 @@ def label(config: TrainConfig) -> str:
 def validate_sweep(values: Mapping[str, Any], max_seeds: int) -> list[str]:
     """Why the sweep knobs that labs 3 and 4 share cannot run, as messages (empty if they can):
     optimizers, batch sizes, learning rate, beta, epochs, seeds (at most ``max_seeds``)."""
-    msgs = []
     opts = tuple(values.get("optimizers") or ())
-    if not opts:
-        msgs.append("choose at least one optimizer")
-    bad = [o for o in opts if o not in OPTIMIZERS]
-    if bad:
-        msgs.append(f"optimizers must be among {', '.join(OPTIMIZERS)}; got {bad[0]!r}")
+    msgs = selection_messages(opts, "optimizer", OPTIMIZERS)
     sizes = tuple(values.get("batch_sizes") or ())
-    if not sizes:
-        msgs.append("choose at least one batch size")
-    elif any(not is_int_at_least(b, 1) for b in sizes):
+    msgs += selection_messages(sizes, "batch size")
+    if sizes and any(not is_int_at_least(b, 1) for b in sizes):
         msgs.append(f"batch sizes must be integers >= 1; got {sizes}")
     if not is_positive(values.get("lr")):
         msgs.append(f"learning rate η must be > 0; got {values.get('lr')}")

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from labkit import widgets as lk_widgets
-from labkit.labs.setup import check_profile, is_int_at_least, is_positive
+from labkit.labs.setup import check_profile, is_int_at_least, is_positive, selection_messages
 from labkit.train import TrainConfig
 
 __all__ = [
@@ -108,14 +108,8 @@ def defaults(profile: str) -> dict[str, Any]:
 
 def validate(values: Mapping[str, Any]) -> list[str]:
     """Why lab 5's knobs cannot run, as messages (empty when they can)."""
-    msgs = []
     schedules = tuple(values.get("schedules") or ())
-    if not schedules:
-        msgs.append("choose at least one schedule")
-    unknown = [s for s in schedules if s not in SCHEDULES]
-    if unknown:
-        msgs.append(f"unknown schedule(s) {', '.join(map(str, unknown))}; valid: "
-                    f"{', '.join(SCHEDULES)}")
+    msgs = selection_messages(schedules, "schedule", tuple(SCHEDULES))
     if "poly" in schedules:
         powers = tuple(values.get("powers") or ())
         if not powers:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit import widgets as lk_widgets
-from labkit.labs.setup import check_profile, is_int_at_least, is_positive
+from labkit.labs.setup import check_profile, is_int_at_least, is_positive, selection_messages
 from labkit.train import PROFILES, SMOKE_SIZES, TrainConfig
 
 __all__ = [
@@ -127,23 +127,15 @@ def defaults(profile: str) -> dict[str, Any]:
 
 def validate(values: Mapping[str, Any]) -> list[str]:
     """Why lab 6's knobs cannot run, as messages (empty when they can)."""
-    msgs = []
     opts = tuple(values.get("optimizers") or ())
-    if not opts:
-        msgs.append("choose at least one optimizer")
-    bad = [o for o in opts if o not in OPTIMIZERS]
-    if bad:
-        msgs.append(f"unknown optimizer(s) {', '.join(map(str, bad))}; valid: "
-                    f"{', '.join(OPTIMIZERS)}")
+    msgs = selection_messages(opts, "optimizer", OPTIMIZERS)
     lrs = tuple(values.get("lrs") or ())
-    if not lrs:
-        msgs.append("choose at least one learning rate")
-    elif not all(is_positive(v) for v in lrs):
+    msgs += selection_messages(lrs, "learning rate")
+    if lrs and not all(is_positive(v) for v in lrs):
         msgs.append(f"learning rates must be > 0; got {', '.join(map(str, lrs))}")
     bss = tuple(values.get("batch_sizes") or ())
-    if not bss:
-        msgs.append("choose at least one batch size")
-    elif not all(is_int_at_least(b, 1) for b in bss):
+    msgs += selection_messages(bss, "batch size")
+    if bss and not all(is_int_at_least(b, 1) for b in bss):
         msgs.append(f"batch sizes must be integers >= 1; got {', '.join(map(str, bss))}")
     if any(o in ("shb", "nshb") for o in opts):
         beta = values.get("beta")

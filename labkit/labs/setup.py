@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "lab_setup",
     "results_dir",
     "results_root",
+    "selection_messages",
 ]
 
 _LAB_ID = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -61,6 +63,22 @@ def is_int_at_least(value: Any, low: int) -> bool:
 def is_finite(value: Any) -> bool:
     """Whether ``value`` is a finite int or float (None, NaN and infinities are not)."""
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def selection_messages(chosen: Any, what: str, valid: Sequence[Any] | None = None) -> list[str]:
+    """Why a multi-select knob cannot run: nothing chosen, or (with ``valid``) unknown values.
+
+    ``what`` names one item, e.g. ``"optimizer"``: "choose at least one optimizer", "unknown
+    optimizer(s) adam; valid: sgd, shb, nshb".
+    """
+    chosen = tuple(chosen or ())
+    if not chosen:
+        return [f"choose at least one {what}"]
+    unknown = [c for c in chosen if valid is not None and c not in valid]
+    if unknown:
+        return [f"unknown {what}(s) {', '.join(map(str, unknown))}; valid: "
+                f"{', '.join(map(str, valid))}"]
+    return []
 
 
 # =========================================================================== folders and setup
