@@ -489,9 +489,9 @@ def load_cifar(
     if download:
         _download(spec, root)
     fixes = (
-        "Fix it in one of two ways: fetch the official files with download=True (command line: "
-        f"`python -m labkit data --download {spec.name}`; needs internet), or point LABKIT_DATA "
-        f"(command line: --data-root) at a folder that contains {spec.folder}"
+        "Fix it in one of two ways: fetch the official files with `python -m labkit data "
+        f"--download {spec.name}` in a terminal (needs internet; in Python: download=True), or "
+        f"point LABKIT_DATA (command line: --data-root) at a folder that contains {spec.folder}"
     )
     if not folder.is_dir():
         hint = ""
