@@ -231,7 +231,7 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
 
     c = sub.add_parser(
         "critical",
-        help="critical batch size b* and the C^2 bound it implies (seed 004 Theorem 4.4)",
+        help="critical batch size b* and the C^2 bound it implies (Sato & Iiduka 2024, Thm. 4.4)",
         usage="labkit critical (--sfo BATCH:SFO [...] | --results DIR) --eps EPS [options]\n"
         "       labkit critical measure --eps EPS --batch-sizes B [B ...] --out DIR [options]",
         description="Compute the critical batch size b* = argmin_b SFO(b) and, by Theorem 4.4 "
@@ -264,7 +264,7 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
 
     h = sub.add_parser(
         "sharpness",
-        help="adaptive sharpness of a trained run (seed 004 §5.3)",
+        help="adaptive sharpness of a trained run (Sato & Iiduka (2024) §5.3)",
         description="Load RUN_DIR's config.json and the model of its checkpoint.pt, and "
         "measure the worst-case adaptive sharpness max_{||delta/|w| ||_p <= rho} L(w + delta) "
         "- L(w), averaged over --batches batches (Kwon et al. 2021; labkit.sharpness). The "

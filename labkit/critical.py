@@ -2,7 +2,7 @@
 
 Book: chapter 8 (critical batch size and estimating C^2), following Sato & Iiduka (2024), "Role of
 momentum in smoothing objective function and generalizability of deep neural networks",
-arXiv:2402.02325 (seed 004, §4.2-4.3).
+arXiv:2402.02325 (Sato & Iiduka (2024), §4.2-4.3).
 
 Training with batch size b for T steps costs T b stochastic gradients (the SFO complexity). If T
 is the number of steps until the stopping test with threshold eps passes, the critical batch size
@@ -78,7 +78,7 @@ OPTIMIZERS = ("sgd", "shb", "nshb")
 
 #: Published values for ResNet-18 on CIFAR-100 (labelled as the paper's values in the labs).
 #:
-#: From seed 004 §4.3 (Sato & Iiduka 2024, arXiv:2402.02325): learning rate eta = 0.1,
+#: From Sato & Iiduka (2024, arXiv:2402.02325) §4.3: learning rate eta = 0.1,
 #: momentum beta = 0.9, stopping threshold eps = 0.5, batch sizes 2^3 ... 2^13, the measured
 #: critical batch sizes and the C^2 upper bounds derived from them with Theorem 4.4 (the paper
 #: prints 25.318 for SHB; the formula gives 25.3187, i.e. the paper truncates). From the authors'
@@ -206,7 +206,7 @@ def sfo_table(
 
 
 # ---------------------------------------------------------------------------------------------
-# Theorem 4.4 and its inverse (seed 004 §4.2-4.3)
+# Theorem 4.4 and its inverse (Sato & Iiduka (2024) §4.2-4.3)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -279,7 +279,7 @@ def c2_upper_bound(
     eps: float,
     beta: float | None = None,
 ) -> float:
-    """Theorem 4.4 read backwards (seed 004 §4.3): C^2 < b* eps^2 / (c eta).
+    """Theorem 4.4 read backwards (Sato & Iiduka (2024) §4.3): C^2 < b* eps^2 / (c eta).
 
     SGD: C^2 < b* eps^2 / eta; SHB: C^2 < b* beta (1 - beta)^2 eps^2 / (eta (beta^2 - beta + 1));
     NSHB: C^2 < b* (1 - beta) eps^2 / eta. With eta = 0.1, beta = 0.9, eps = 0.5 and the measured
@@ -303,7 +303,7 @@ def c2_upper_bound(
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring T and T b by training (seed 004 §4.3)
+# Measuring T and T b by training (Sato & Iiduka (2024) §4.3)
 # ---------------------------------------------------------------------------------------------
 
 #: The stopping tests :func:`measure_sfo` offers; the first is the default (the authors').
@@ -928,7 +928,7 @@ def measure_sfo(
     callbacks: Sequence[Callback] = (),
     on_record: Callable[[SFORecord], None] | None = None,
 ) -> SFOResult:
-    """Measure the SFO complexity T b for each batch size by training (seed 004 §4.3).
+    """Measure the SFO complexity T b for each batch size by training (Sato & Iiduka (2024) §4.3).
 
     One run per batch size b: ``config`` with ``batch_size=b`` and ``epochs=max_epochs``,
     stopped by :class:`SFOCallback` at the first step T at which the stopping test passes

@@ -3,7 +3,7 @@ student's own recorded data, and the nbgrader test cells.
 
 Book: no chapter of its own (this is the instructors' side of the labs). The consistency rules
 restate two results of Sato & Iiduka (2024), "Role of momentum in smoothing objective function
-and generalizability of deep neural networks", arXiv:2402.02325 (seed 004): Theorem 4.4 read
+and generalizability of deep neural networks", arXiv:2402.02325: Theorem 4.4 read
 backwards, which turns a measured critical batch size b* into an upper bound on the gradient
 variance C^2 (book chapter 8), and eqs. (12)-(14), the smoothing degrees delta of SGD, SHB and
 NSHB (book chapter 6).
@@ -912,7 +912,8 @@ def _check_domain(args: Mapping[str, float]) -> None:
 
 
 def _theorem_4_4_factor(optimizer: str, beta: float) -> float:
-    """c in Theorem 4.4, b* > c eta C^2 / eps^2 (seed 004): 1, (b^2-b+1)/(b(1-b)^2), 1/(1-b)."""
+    """c in Theorem 4.4, b* > c eta C^2 / eps^2 (Sato & Iiduka (2024)): 1, (b^2-b+1)/(b(1-b)^2),
+    1/(1-b)."""
     if optimizer == "sgd":
         return 1.0
     if optimizer == "shb":

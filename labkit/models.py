@@ -2,9 +2,9 @@
 
 Book: the labs of chapters 4 and 8 (models, not equations). Which lab uses which model:
 
-* lab 1 (optimizer zoo, seed 000): ``resnet44`` on CIFAR-10;
+* lab 1 (optimizer zoo, the power-eta thesis): ``resnet44`` on CIFAR-10;
 * labs 3-6 (critical batch size, smoothing and generalization, implicit graduated
-  optimization, sharpness; seeds 004 and 001): ``resnet18`` on CIFAR-100;
+  optimization, sharpness; Sato & Iiduka (2024, 2023)): ``resnet18`` on CIFAR-100;
 * every lab's smoke profile (CPU, generated data, seconds): ``tiny``.
 
 References:

@@ -2,9 +2,10 @@
 
 Book: chapter 6 (SGD noise as smoothing, delta = eta C / sqrt(b)) and chapter 8 (search-direction
 noise of SHB and NSHB), following Sato & Iiduka (2024), "Role of momentum in smoothing objective
-function and generalizability of deep neural networks", arXiv:2402.02325 (seed 004).
+function and generalizability of deep neural networks", arXiv:2402.02325.
 
-Notation (seed 004, §2.1-2.4). The empirical loss is f(x) = (1/n) sum_i f_i(x). A mini-batch
+Notation (Sato & Iiduka (2024), §2.1-2.4). The empirical loss is f(x) = (1/n) sum_i f_i(x). A
+mini-batch
 gradient over b examples is grad f_S(x) = (1/b) sum_{i in S} grad f_i(x). The constants are
 
 * C^2: the stochastic-gradient variance, E_xi ||G_xi(x_t) - grad f(x_t)||^2 <= C^2
@@ -12,7 +13,8 @@ gradient over b examples is grad f_S(x) = (1/b) sum_{i in S} grad f_i(x). The co
   C^2(x) = (1/n) sum_i ||grad f_i(x) - grad f(x)||^2 (:func:`gradient_variance`).
 * K^2: a bound on E ||grad f(x_t)||^2 along the run (assumption (A4), :func:`k2_estimate`).
 
-The search-direction noise (seed 004, §2.4) is the gap between the direction an optimizer steps
+The search-direction noise (Sato & Iiduka (2024), §2.4) is the gap between the direction an
+optimizer steps
 along and the full gradient at the same point x_t:
 
 * SGD:  omega_t = grad f_S(x_t) - grad f(x_t)   (identical to the gradient noise),
@@ -62,7 +64,7 @@ OPTIMIZERS = ("sgd", "shb", "nshb")
 
 
 # ---------------------------------------------------------------------------------------------
-# Smoothing degrees, seed 004 eqs. (12)-(14)
+# Smoothing degrees, Sato & Iiduka (2024) eqs. (12)-(14)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -135,7 +137,8 @@ def _finish(result: Any) -> Any:
 
 
 def momentum_factor(beta: Any) -> Any:
-    """The factor beta (beta^2 - beta + 1) / (1 - beta)^2 of seed 004 eq. (13) (dimensionless).
+    """The factor beta (beta^2 - beta + 1) / (1 - beta)^2 of Sato & Iiduka (2024) eq. (13)
+    (dimensionless).
 
     It is 0 at beta = 0, increases monotonically in beta and equals 81.9 at beta = 0.9.
     """
@@ -145,7 +148,7 @@ def momentum_factor(beta: Any) -> Any:
 
 
 def delta_sgd(lr: Any, batch_size: Any, c2: Any) -> Any:
-    """Smoothing degree of SGD, seed 004 eq. (12): delta_SGD = eta sqrt(C^2 / b).
+    """Smoothing degree of SGD, Sato & Iiduka (2024) eq. (12): delta_SGD = eta sqrt(C^2 / b).
 
     Args:
         lr: learning rate eta > 0.
@@ -165,7 +168,7 @@ def delta_sgd(lr: Any, batch_size: Any, c2: Any) -> Any:
 
 
 def delta_shb(lr: Any, batch_size: Any, beta: Any, c2: Any, k2: Any) -> Any:
-    """Smoothing degree of stochastic heavy ball (SHB), seed 004 eq. (13).
+    """Smoothing degree of stochastic heavy ball (SHB), Sato & Iiduka (2024) eq. (13).
 
     delta_SHB = eta sqrt((1 + a) C^2 / b + a K^2),  a = beta (beta^2 - beta + 1) / (1 - beta)^2.
 
@@ -194,7 +197,7 @@ def delta_shb(lr: Any, batch_size: Any, beta: Any, c2: Any, k2: Any) -> Any:
 
 
 def delta_nshb(lr: Any, batch_size: Any, beta: Any, c2: Any) -> Any:
-    """Smoothing degree of normalized stochastic heavy ball (NSHB), seed 004 eq. (14).
+    """Smoothing degree of normalized stochastic heavy ball (NSHB), Sato & Iiduka (2024) eq. (14).
 
     delta_NSHB = eta sqrt(C^2 / ((1 - beta) b)) = delta_SGD / sqrt(1 - beta) at equal C^2.
 
@@ -471,7 +474,8 @@ def gradient_variance(
 
     C^2 = (1/n) sum_i ||g_i - g_bar||^2 with g_i = grad f_i(x) the per-example gradients and
     g_bar = grad f(x) their mean over the n given examples. This is E||G_xi(x) - grad f(x)||^2 of
-    seed 004 assumption (A2)(ii) for an example drawn uniformly from the n; a mini-batch of b
+    Sato & Iiduka (2024) assumption (A2)(ii) for an example drawn uniformly from the n; a
+    mini-batch of b
     examples drawn with replacement then has E||grad f_S(x) - grad f(x)||^2 = C^2 / b exactly
     (Theorem 3.1 with equality), and without replacement C^2 / b * (n - b) / (n - 1).
     The seed's C^2_opt bounds this at every iterate of a run, so a value measured at one point
@@ -604,7 +608,7 @@ def k2_estimate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Search-direction noise (seed 004 §2.4)
+# Search-direction noise (Sato & Iiduka (2024) §2.4)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -612,7 +616,7 @@ def direction_noise(direction: Sequence[Tensor], full_grad: Sequence[Tensor]) ->
     """||direction - full_grad|| over all parameter tensors (Euclidean norm, computed in float64).
 
     With ``direction`` the optimizer's search direction at x_t and ``full_grad`` = grad f(x_t) this
-    is ||omega_t||, the search-direction noise of seed 004 §2.4.
+    is ||omega_t||, the search-direction noise of Sato & Iiduka (2024) §2.4.
     """
     if len(direction) != len(full_grad):
         raise ValueError(
@@ -636,7 +640,7 @@ class NoiseRecord:
 
     Attributes:
         step: t, the number of tracker steps before this one (0 for the first).
-        direction_noise: ||omega_t|| = ||direction_t - grad f(x_t)|| (seed 004 §2.4).
+        direction_noise: ||omega_t|| = ||direction_t - grad f(x_t)|| (Sato & Iiduka (2024) §2.4).
         gradient_noise: ||grad f_S(x_t) - grad f(x_t)||, the mini-batch gradient noise, which is
             the same quantity for every optimizer (equal to direction_noise for SGD).
         full_grad_norm_sq: ||grad f(x_t)||^2 (one sample for the K^2 of assumption (A4)).
@@ -653,7 +657,8 @@ class DirectionNoiseTracker:
 
     Call :meth:`step` after ``loss.backward()`` and before ``optimizer.step()``, every iteration.
     It reads the mini-batch gradient g_t from ``p.grad``, advances its own copy of the direction
-    recursion of seed 004 Algorithms 2.1-2.3 (so it does not depend on any optimizer's internals)
+    recursion of Sato & Iiduka (2024) Algorithms 2.1-2.3 (so it does not depend on any optimizer's
+    internals)
 
     * ``"sgd"``:  direction_t = g_t,
     * ``"shb"``:  m_t = g_t + beta m_{t-1}            (PyTorch's SGD momentum, dampening 0),

@@ -1,7 +1,7 @@
 """Worst-case adaptive sharpness of a trained network.
 
 Book: chapter 8 (momentum, noise and generalization), the definition of adaptive sharpness
-in seed 004 §5.3 (Sato & Iiduka, arXiv:2402.02325):
+in Sato & Iiduka (2024) §5.3 (arXiv:2402.02325):
 
     S_max^rho(w, c) = E_B [ max_{||delta / c||_p <= rho}  L_B(w + delta) - L_B(w) ],     (8.S)
 

@@ -58,8 +58,8 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # The seeds' full scale.
     "paper": {"model": None, "epochs": 200, "batch_size": 128},
 }
-#: The model each paper trains on each data set (seed 000: ResNet-44 on CIFAR-10;
-#: seeds 001 and 004: ResNet-18 on CIFAR-100).
+#: The model each paper trains on each data set (the power-eta thesis: ResNet-44 on CIFAR-10;
+#: Sato & Iiduka (2023, 2024): ResNet-18 on CIFAR-100).
 PAPER_MODEL = {"cifar10": "resnet44", "cifar100": "resnet18"}
 #: Size of the generated data set of the smoke profile.
 SMOKE_SIZES = {"n_train": 512, "n_test": 256}

@@ -130,7 +130,7 @@ def test_sweep_profile_flag_overrides_base(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("optimizer,beta,b_star,c2", [
-    # seed 004 §4.3: eta = 0.1, beta = 0.9, eps = 0.5 and the measured b*.
+    # Sato & Iiduka (2024) §4.3: eta = 0.1, beta = 0.9, eps = 0.5 and the measured b*.
     ("sgd", None, 512, 1280.0),
     ("shb", 0.9, 1024, 25.3187),
     ("nshb", 0.9, 512, 128.0),

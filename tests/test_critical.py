@@ -42,7 +42,7 @@ def test_sfo_complexity():
 def test_critical_batch_size_argmin_ignores_failed_runs():
     sfo = {8: 9000.0, 16: 7000.0, 32: 5000.0, 64: 6400.0, 128: math.inf, 256: math.nan}
     assert critical_batch_size(sfo) == 32
-    # a U-shaped curve like seed 004 Fig. 4: the minimum of T b, not of T
+    # a U-shaped curve like Sato & Iiduka (2024) Fig. 4: the minimum of T b, not of T
     counts = [8000, 3600, 1700, 800, 380, 180, 85, 50, 30, 20, 12]
     steps = {2**k: t for k, t in zip(range(3, 14), counts, strict=True)}
     table = sfo_table(steps)
@@ -114,7 +114,7 @@ def test_sfo_table():
 
 
 def test_c2_upper_bounds_reproduce_paper():
-    """Seed 004 §4.3: eta = 0.1, beta = 0.9, eps = 0.5, b* = 2^9, 2^10, 2^9."""
+    """Sato & Iiduka (2024) §4.3: eta = 0.1, beta = 0.9, eps = 0.5, b* = 2^9, 2^10, 2^9."""
     sgd = c2_upper_bound("sgd", critical_batch_size=2**9, **PAPER)
     shb = c2_upper_bound("shb", critical_batch_size=2**10, **PAPER)
     nshb = c2_upper_bound("nshb", critical_batch_size=2**9, **PAPER)
@@ -138,7 +138,7 @@ def test_paper_values_consistent():
         )
         assert bound == pytest.approx(pv["c2_upper_bound"][name], abs=1e-3)
         assert pv["critical_batch_size"][name] in pv["batch_sizes"]
-    # seed 004 §5.1: with these bounds delta_SGD and delta_NSHB coincide
+    # Sato & Iiduka (2024) §5.1: with these bounds delta_SGD and delta_NSHB coincide
     assert delta_nshb(pv["lr"], 64, pv["beta"], pv["c2_upper_bound"]["nshb"]) == pytest.approx(
         delta_sgd(pv["lr"], 64, pv["c2_upper_bound"]["sgd"]), rel=1e-12
     )

@@ -1,5 +1,5 @@
 """Tests for the measuring part of labkit.critical: SFOCallback, measure_sfo, SFOResult and
-`labkit critical measure` (seed 004 §4.3, Sato & Iiduka, arXiv:2402.02325).
+`labkit critical measure` (Sato & Iiduka 2024, arXiv:2402.02325, §4.3).
 
 The exactness of T is checked two ways: on synthetic gradient-norm sequences (hypothesis), where
 the callback is driven step by step like labkit.train drives it, and on real smoke-sized runs,
@@ -403,7 +403,7 @@ def dataclasses_replace_loaded(record):
 
 
 def test_result_table_bound_and_json_round_trip():
-    # Seed 004 Fig. 4 in shape: U-shaped SFO for SHB with its minimum at 2^10.
+    # Sato & Iiduka (2024) Fig. 4 in shape: U-shaped SFO for SHB with its minimum at 2^10.
     records = [
         SFORecord(batch_size=b, steps=t, sfo=float(t * b), reached=True, diverged=False,
                   epochs=1, steps_run=t, examples=t * b, value=0.49, running_grad_norm=0.49,

@@ -109,7 +109,7 @@ def test_hyperparameter_axes():
     with pytest.raises(GridError, match="unknown hyperparameter 'beta' for optimizer 'sgd'"):
         expand_grid({"base": {"profile": "smoke"},
                      "grid": {"optimizer": ["sgd", "shb"], "hparams.beta": [0.9]}})
-    # eta of the power-eta Adam (seed 000), merged with base.hparams.
+    # eta of the power-eta Adam (the power-eta thesis), merged with base.hparams.
     configs = expand_grid({"base": {"profile": "smoke", "optimizer": "adam", "lr": 1e-3,
                                     "hparams": {"beta2": 0.99}},
                            "grid": {"eta": [1 / 3, 2, 4]}})
@@ -496,7 +496,7 @@ def test_add_delta_matches_the_formulas():
     a = 0.9 * (0.81 - 0.9 + 1) / 0.01
     assert out["delta"][1] == pytest.approx(0.1 * math.sqrt((1 + a) * 25.318 / 64 + a * 1.77**2))
     assert out["delta"][2] == pytest.approx(noise.delta_nshb(0.1, 64, 0.9, 128.0))
-    # The paper's C^2 make delta_SGD and delta_NSHB coincide (seed 004 §5.1).
+    # The paper's C^2 make delta_SGD and delta_NSHB coincide (Sato & Iiduka (2024) §5.1).
     assert out["delta"][2] == pytest.approx(out["delta"][0])
     # A missing beta is the optimizer's default (0.9 for NSHB); other optimizers get NaN.
     assert out["delta"][3] == pytest.approx(noise.delta_nshb(0.05, 128, 0.9, 128.0))
@@ -584,7 +584,7 @@ def test_plot_delta_vs_batch_size():
     assert len(lines) == 3 and all(ln.get_label().startswith("paper") for ln in lines)
     assert len(lines[0].get_xdata()) == 11  # 2^3 ... 2^13
     sgd, shb, nshb = (ln.get_ydata() for ln in lines)
-    assert list(sgd) == pytest.approx(list(nshb))  # seed 004 Fig. 5: they coincide
+    assert list(sgd) == pytest.approx(list(nshb))  # Sato & Iiduka (2024) Fig. 5: they coincide
     # SHB keeps a floor eta sqrt(a) K from its K^2 term; SGD's delta goes to 0 with b.
     assert min(shb) >= 0.1 * math.sqrt(noise.momentum_factor(0.9)) * 1.77 > 10 * sgd[-1]
     with pytest.raises(ValueError, match="k2 .* is required for SHB"):

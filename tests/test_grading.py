@@ -380,7 +380,8 @@ def test_c2_bound_matches_labkit_critical(tmp_path, optimizer, beta):
 
 
 def test_c2_bound_paper_values(tmp_path):
-    # Seed 004 §4.3: eta 0.1, beta 0.9, eps 0.5, b* = 2^9, 2^10, 2^9 -> 1280, 25.318, 128.
+    # Sato & Iiduka (2024) §4.3: eta 0.1, beta 0.9, eps 0.5, b* = 2^9, 2^10, 2^9 -> 1280, 25.318,
+    # 128.
     for opt, b, c2, rtol in [("sgd", 512, 1280, 1e-9), ("shb", 1024, 25.318, 1e-4),
                              ("nshb", 512, 128, 1e-9)]:
         assert one(tmp_path, {"c2": c2}, {

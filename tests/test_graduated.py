@@ -195,7 +195,8 @@ def test_gamma_product_telescopes(M, p, data):
 
 
 def test_smoothing_degree():
-    # seed 001/004: delta = eta sqrt(C^2 / b); e.g. eta = 0.1, b = 32, C^2 = 1280 -> sqrt(40)/10
+    # Sato & Iiduka (2023)/004: delta = eta sqrt(C^2 / b); e.g. eta = 0.1, b = 32, C^2 = 1280 ->
+    # sqrt(40)/10
     assert G.smoothing_degree(0.1, 32, 1280.0) == pytest.approx(math.sqrt(40) / 10)
     assert G.smoothing_degree(0.1, 2**9, 1280.0) == pytest.approx(0.1 * math.sqrt(2.5))
     grid = G.smoothing_degree(np.array([[0.1], [0.05]]), np.array([32, 128]), 4.0)

@@ -1,4 +1,5 @@
-"""Tests for labkit.noise: smoothing degrees (seed 004 eqs. (12)-(14)), the stochastic-gradient
+"""Tests for labkit.noise: smoothing degrees (Sato & Iiduka (2024) eqs. (12)-(14)), the
+stochastic-gradient
 variance C^2 against explicit per-example loops and Monte Carlo, and search-direction noise
 against reference optimizers."""
 
@@ -27,7 +28,7 @@ from labkit.noise import (
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
-# Seed 004 §4.3: eta = 0.1, beta = 0.9, C^2 bounds; K from the authors' code.
+# Sato & Iiduka (2024) §4.3: eta = 0.1, beta = 0.9, C^2 bounds; K from the authors' code.
 ETA, BETA = 0.1, 0.9
 C2_SGD, C2_SHB, C2_NSHB = 1280.0, 25.318, 128.0
 K_SHB = 1.77
@@ -50,7 +51,8 @@ def test_delta_sgd_paper_constants_by_hand():
 def test_delta_nshb_paper_constants_by_hand():
     # eta sqrt(C^2 / ((1 - beta) b)) = 0.1 * sqrt(128 / (0.1 * 512)) = 0.1 * sqrt(2.5)
     assert delta_nshb(ETA, 512, BETA, C2_NSHB) == pytest.approx(0.158113883008419, rel=1e-12)
-    # seed 004 §5.1: with the estimated C^2, delta_NSHB and delta_SGD coincide at every b
+    # Sato & Iiduka (2024) §5.1: with the estimated C^2, delta_NSHB and delta_SGD coincide at every
+    # b
     b = np.array([8.0, 64.0, 1024.0, 8192.0])
     np.testing.assert_allclose(delta_nshb(ETA, b, BETA, C2_NSHB), delta_sgd(ETA, b, C2_SGD))
 

@@ -3,7 +3,8 @@
 Book: the labs (chapters 4, 7 and 8). :mod:`~labkit.experiments.sweep` runs a grid of
 :func:`labkit.train.train` runs, resumably; :mod:`~labkit.experiments.results` reads them back
 as ``pandas`` tables (and derives SFO complexity, smoothing degree and sharpness);
-:mod:`~labkit.experiments.plots` draws seed 004 Fig. 4-8 and seed 000 Fig. 1-2.
+:mod:`~labkit.experiments.plots` draws Sato & Iiduka (2024) Fig. 4-8 and the power-eta thesis Fig.
+1-2.
 
 Example::
 

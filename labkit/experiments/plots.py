@@ -1,7 +1,8 @@
 """One plot helper per paper figure the labs reproduce.
 
-Book: chapter 4 (seed 000 Fig. 1-2: test accuracy curves of Adam/AMSGrad with power eta) and
-chapter 8 (seed 004, Sato & Iiduka 2024, arXiv:2402.02325: Fig. 4 SFO complexity vs batch size
+Book: chapter 4 (the power-eta thesis Fig. 1-2: test accuracy curves of Adam/AMSGrad with power
+eta) and
+chapter 8 (Sato & Iiduka 2024, arXiv:2402.02325: Fig. 4 SFO complexity vs batch size
 with the critical batch size, Fig. 5 smoothing degree vs batch size, Fig. 6 test accuracy vs
 batch size, Fig. 7 test accuracy vs smoothing degree, Fig. 8 sharpness vs smoothing degree).
 
@@ -36,7 +37,8 @@ OPTIMIZER_COLORS = {"sgd": "C0", "shb": "C1", "nshb": "C2", "nesterov": "C3", "a
 OPTIMIZER_LABELS = {"sgd": "SGD", "shb": "SHB", "nshb": "NSHB", "nesterov": "Nesterov",
                     "adagrad": "AdaGrad", "rmsprop": "RMSProp", "adam": "Adam",
                     "amsgrad": "AMSGrad"}
-# Seed 004 Fig. 7's background: >= 70% high, >= 65% intermediate, < 65% poor generalization.
+# Sato & Iiduka (2024) Fig. 7's background: >= 70% high, >= 65% intermediate, < 65% poor
+# generalization.
 _PAPER_BANDS = ((70.0, 100.0, "tab:green", "high"), (65.0, 70.0, "tab:blue", "intermediate"),
                 (0.0, 65.0, "tab:red", "poor"))
 
@@ -120,7 +122,7 @@ def plot_accuracy_vs_batch_size(
     paper: bool = False,
     ax: Any = None,
 ) -> Any:
-    """Test accuracy vs batch size, one line per optimizer (seed 004 Fig. 6).
+    """Test accuracy vs batch size, one line per optimizer (Sato & Iiduka (2024) Fig. 6).
 
     Args:
         results: :func:`~labkit.experiments.load_results` (columns ``batch_size``, ``by``,
@@ -164,7 +166,7 @@ def plot_delta_vs_batch_size(
     paper: bool = False,
     ax: Any = None,
 ) -> Any:
-    """Smoothing degree delta vs batch size, one line per optimizer (seed 004 Fig. 5).
+    """Smoothing degree delta vs batch size, one line per optimizer (Sato & Iiduka (2024) Fig. 5).
 
     delta from :func:`labkit.noise.smoothing_degree` (eqs. (12)-(14)).
 
@@ -199,8 +201,8 @@ def plot_delta_vs_batch_size(
             k2_opt = k2s.get(opt) if isinstance(k2s, Mapping) else k2s
             if opt == "shb" and k2_opt is None:
                 raise ValueError(
-                    "k2 (K^2) is required for SHB's delta (seed 004 eq. (13)); the authors' "
-                    "code uses K = 1.77 for ResNet-18 (k2=1.77**2)"
+                    "k2 (K^2) is required for SHB's delta (Sato & Iiduka 2024, eq. 13); "
+                    "the authors' code uses K = 1.77 for ResNet-18 (k2=1.77**2)"
                 )
             d = noise.smoothing_degree(opt, lr=lr_, batch_size=bs, c2=value, beta=beta_,
                                        k2=k2_opt)
@@ -232,7 +234,8 @@ def plot_accuracy_vs_delta(
     paper: bool = False,
     ax: Any = None,
 ) -> Any:
-    """Test accuracy vs smoothing degree, one line per optimizer (seed 004 Fig. 7 right).
+    """Test accuracy vs smoothing degree, one line per optimizer (Sato & Iiduka (2024) Fig. 7
+    right).
 
     Each run's delta comes from :func:`~labkit.experiments.add_delta` (its lr, batch size and
     beta with the given C^2 and K^2); runs with the same delta (seeds) are averaged.
@@ -304,7 +307,8 @@ def _sfo_by_optimizer(sfo: Any) -> dict[str, Any]:
 
 
 def plot_sfo_vs_batch_size(sfo: Any, *, paper: bool = False, ax: Any = None) -> Any:
-    """SFO complexity T b vs batch size, with the critical batch size b* ringed (seed 004 Fig. 4).
+    """SFO complexity T b vs batch size, with the critical batch size b* ringed (Sato & Iiduka
+    (2024) Fig. 4).
 
     Args:
         sfo: :func:`~labkit.experiments.sfo_from_history` (columns ``optimizer``,
@@ -356,7 +360,8 @@ def plot_sharpness_vs_delta(
     colorbar: bool = True,
     ax: Any = None,
 ) -> Any:
-    """Sharpness vs smoothing degree (seed 004 Fig. 8 (c); other panels via ``x`` and ``y``).
+    """Sharpness vs smoothing degree (Sato & Iiduka (2024) Fig. 8 (c); other panels via ``x`` and
+    ``y``).
 
     One line per value of ``by`` (the learning rate in the paper) through the mean over seeds,
     with the min-max band, plus every run as a dot whose darkness grows with its batch size.
@@ -423,7 +428,7 @@ def plot_accuracy_curves(
     statuses: Sequence[str] | None = None,
     ax: Any = None,
 ) -> Any:
-    """Accuracy per epoch, one line per value of ``by`` (seed 000 Fig. 1-2: eta).
+    """Accuracy per epoch, one line per value of ``by`` (the power-eta thesis Fig. 1-2: eta).
 
     Args:
         history: :func:`~labkit.experiments.load_history` (columns ``epoch``, ``by``,

@@ -1,14 +1,15 @@
 """Reading sweeps back as tables, and the quantities the labs derive from them.
 
 Book: chapter 8 (critical batch size and SFO complexity, smoothing degree delta, adaptive
-sharpness) and the labs that plot them (seed 004 Fig. 4-8, seed 000 Fig. 1-2).
+sharpness) and the labs that plot them (Sato & Iiduka (2024) Fig. 4-8, the power-eta thesis Fig.
+1-2).
 
 - :func:`load_results`: one row per run (config columns + summary metrics), from a sweep's
   ``index.json`` (safe to call while the sweep runs).
 - :func:`load_history`: one row per (run, epoch), read from each run's ``metrics.jsonl``.
 - :func:`sfo_from_history`: steps T until the running mean of the mini-batch gradient norm is
-  <= eps, and the SFO complexity T b (seed 004 §4.3, Sato & Iiduka 2024, arXiv:2402.02325).
-- :func:`add_delta`: the smoothing degree delta of each run from estimated C^2 (seed 004
+  <= eps, and the SFO complexity T b (Sato & Iiduka 2024, arXiv:2402.02325, §4.3).
+- :func:`add_delta`: the smoothing degree delta of each run from estimated C^2 (Sato & Iiduka (2024)
   eqs. (12)-(14)).
 - :func:`measure_sharpness`: adaptive sharpness (Kwon et al. 2021, arXiv:2102.11600) of a
   finished run's weights, cached in the run folder.
@@ -241,7 +242,8 @@ def load_history(folder: str | os.PathLike):
 def sfo_from_history(history, eps: float, *, min_epochs: int = 0):
     """Steps to the threshold and SFO complexity of every run, from :func:`load_history`.
 
-    The stopping test of seed 004 §4.3: T is the first step t at which the running mean of the
+    The stopping test of Sato & Iiduka (2024) §4.3: T is the first step t at which the running mean
+    of the
     mini-batch gradient norms of steps 1..t is <= ``eps``; the SFO complexity is T b (the sum
     of the batch sizes of those steps when a batch schedule changes b). The runs record the
     mean gradient norm of each epoch and its number of steps, so the running mean is exact at
@@ -323,7 +325,8 @@ def _per_optimizer(value: Any, optimizer: str) -> Any:
 def add_delta(results, c2: Mapping[str, float], k2: Mapping[str, float] | float | None = None):
     """A copy of ``results`` with a ``delta`` column: the smoothing degree of each run.
 
-    delta is seed 004's eq. (12) (SGD), (13) (SHB, needs K^2) or (14) (NSHB), from each row's
+    delta is Sato & Iiduka's (2024) eq. (12) (SGD), (13) (SHB, needs K^2) or (14) (NSHB), from each
+    row's
     ``lr``, ``batch_size`` and ``beta`` (the optimizer's default when the table has no ``beta``
     value for the row) and the estimated stochastic-gradient variance.
 
@@ -348,7 +351,8 @@ def add_delta(results, c2: Mapping[str, float], k2: Mapping[str, float] | float 
         )
     if "shb" in c2 and _per_optimizer(k2, "shb") is None:
         raise ValueError(
-            "k2 (the bound K^2 on E||grad f||^2) is required for SHB's delta (seed 004 eq. (13));"
+            "k2 (the bound K^2 on E||grad f||^2) is required for SHB's delta "
+            "(Sato & Iiduka 2024, eq. 13);"
             " the authors' code uses K = 1.77 for ResNet-18, i.e. k2=1.77**2"
         )
     missing = sorted({"optimizer", "lr", "batch_size"} - set(results.columns))
@@ -447,7 +451,7 @@ def measure_sharpness(
     data_root: str | None = None,
     cache: bool = True,
 ) -> float:
-    """Adaptive sharpness of a run's last checkpoint (seed 004 §5.3; loss units).
+    """Adaptive sharpness of a run's last checkpoint (Sato & Iiduka (2024) §5.3; loss units).
 
     Rebuilds the model from the run's ``config.json`` and ``checkpoint.pt``, draws
     ``n_batches`` batches of ``batch_size`` (default: the run's batch size) images from
@@ -533,7 +537,7 @@ def measure_gradient_stats(
     per-example gradients of ``n_images`` training images (a fixed random subset, ``seed``),
     without augmentation, with batch norm in eval mode. ``c2`` is
     (1/n) sum_i ||grad f_i - grad f||^2 and ``full_grad_norm_sq`` is ||grad f||^2, both over the
-    subset. Seed 004's C^2 bounds the variance at every iterate and K^2 bounds
+    subset. Sato & Iiduka's (2024) C^2 bounds the variance at every iterate and K^2 bounds
     E||grad f(x_t)||^2, so one point gives a lower estimate of each (book chapter 8).
 
     The result is stored in ``<run>/gradient-stats.json`` under its settings and the number of

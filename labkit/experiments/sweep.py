@@ -1,7 +1,8 @@
 """Sweeps: many :func:`labkit.train.train` runs over a grid, resumable and never recomputed.
 
 Book: every lab (the experiments of chapters 4, 7 and 8 are grids over optimizer, learning rate,
-batch size, seed and optimizer hyperparameters: seed 000 Fig. 1-2, seed 004 Fig. 4-8).
+batch size, seed and optimizer hyperparameters: the power-eta thesis Fig. 1-2, Sato & Iiduka (2024)
+Fig. 4-8).
 
 A grid *spec* is a plain dict (the CLI reads it from YAML)::
 

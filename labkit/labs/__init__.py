@@ -6,12 +6,13 @@ that lives here, so that the notebook's cells stay short and the tests can drive
 =========================  ======================================================  ============
 module                     notebook (``labs/``), what it reproduces                book chapter
 =========================  ======================================================  ============
-:mod:`labkit.labs.lab1`    ``lab1_optimizer_zoo``, seed 000 Fig. 1-2               4
-:mod:`labkit.labs.lab2`    ``lab2_seeing_smoothing``, seed 004 Fig. 3, seed 001    6, 7
-:mod:`labkit.labs.lab3`    ``lab3_critical_batch``, seed 004 Fig. 4 and §4.3       8
-:mod:`labkit.labs.lab4`    ``lab4_smoothing_generalization``, seed 004 Fig. 5-7    6, 8
-:mod:`labkit.labs.lab5`    ``lab5_implicit_graduated``, seed 001                   7
-:mod:`labkit.labs.lab6`    ``lab6_sharpness``, seed 004 Fig. 8                     8
+:mod:`labkit.labs.lab1`    ``lab1_optimizer_zoo``, the power-eta thesis Fig. 1-2               4
+:mod:`labkit.labs.lab2`    ``lab2_seeing_smoothing``, Sato & Iiduka (2024) Fig. 3, Sato & Iiduka
+(2023)    6, 7
+:mod:`labkit.labs.lab3`    ``lab3_critical_batch``, Sato & Iiduka (2024) Fig. 4 and §4.3       8
+:mod:`labkit.labs.lab4`    ``lab4_smoothing_generalization``, Sato & Iiduka (2024) Fig. 5-7    6, 8
+:mod:`labkit.labs.lab5`    ``lab5_implicit_graduated``, Sato & Iiduka (2023)                   7
+:mod:`labkit.labs.lab6`    ``lab6_sharpness``, Sato & Iiduka (2024) Fig. 8                     8
 =========================  ======================================================  ============
 
 Every lab module defines ``LAB_ID``, the notebook's file name without ``.ipynb`` (the lab's

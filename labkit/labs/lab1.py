@@ -1,8 +1,10 @@
 """Lab 1, the optimizer zoo (``labs/lab1_optimizer_zoo.ipynb``): the panel's knobs, grid and figure.
 
-Reproduces seed 000 Fig. 1-2: Adam-type and AMSGrad-type Algorithm 3.1 with the power eta in
+Reproduces the power-eta thesis Fig. 1-2: Adam-type and AMSGrad-type Algorithm 3.1 with the power
+eta in
 {1/3, 1/2, 1, 2, 3, 4} (:class:`labkit.optim.AdamEta`) on ResNet-44 / CIFAR-10, with SGD, SHB,
-NSHB, AdaGrad and RMSProp as optional baselines. Book: chapter 4 (adaptive methods, seed 000).
+NSHB, AdaGrad and RMSProp as optional baselines. Book: chapter 4 (adaptive methods, the power-eta
+thesis).
 
 The panel's interface is that of every lab that trains (:mod:`labkit.labs`): :func:`controls`,
 :func:`defaults`, :func:`validate`, :func:`grid` and :func:`label`; :func:`run_table` and
@@ -51,7 +53,7 @@ def eta_label(eta: float) -> str:
     return str(frac.numerator) if frac.denominator == 1 else f"{frac.numerator}/{frac.denominator}"
 
 
-#: The powers eta of seed 000's Fig. 1-2.
+#: The powers eta of the power-eta thesis's Fig. 1-2.
 ETAS: tuple[float, ...] = (1 / 3, 1 / 2, 1.0, 2.0, 3.0, 4.0)
 #: The optimizers of the zoo, with their names in the panel.
 OPTIMIZERS: dict[str, str] = {
@@ -62,7 +64,8 @@ _ADAM_TYPE = ("adam", "amsgrad")
 # Learning rates: "lr" (the seed's alpha) for the methods that divide by a running mean of
 # squared gradients, "lr_sgd" for the plain-gradient methods and AdaGrad.
 _USES_ALPHA = ("rmsprop", "adam", "amsgrad")
-#: Reference accuracy for orientation (not seed 000's number: the seed gives curves only).
+#: Reference accuracy for orientation (not the power-eta thesis's number: the seed gives curves
+#: only).
 REFERENCE = {"label": "He et al. 2016: ResNet-44 with SGD, 92.8%", "test_acc": 0.928}
 
 _DEFAULTS = {
@@ -72,7 +75,7 @@ _DEFAULTS = {
     # One GPU: ResNet-44 on CIFAR-10, all six eta, 10 epochs (about 20 min on an H100).
     "short": {"optimizers": ("adam", "amsgrad"), "etas": ETAS, "epochs": 10, "seeds": 1,
               "batch_size": 128},
-    # Seed 000's scale: 200 epochs (about 6 h on an H100 for the 12 runs).
+    # the power-eta thesis's scale: 200 epochs (about 6 h on an H100 for the 12 runs).
     "paper": {"optimizers": ("adam", "amsgrad"), "etas": ETAS, "epochs": 200, "seeds": 1,
               "batch_size": 128},
 }
@@ -88,7 +91,7 @@ def controls() -> dict[str, Any]:
         "lr": W.float_text("α = lr of Adam, AMSGrad, RMSProp", 1e-3),
         "lr_sgd": W.float_text("lr of SGD, SHB, NSHB, AdaGrad", 0.1),
         "beta1": W.dropdown("β₁ (Adam/AMSGrad)", [("0.9 (standard)", 0.9),
-                                                   ("0.001 (seed 000 as printed)", 0.001)]),
+                                                   ("0.001 (the thesis as printed)", 0.001)]),
         "epochs": W.int_slider("epochs", 1, 200, 3),
         "seeds": W.int_slider("seeds", 1, 5, 1),
         "batch_size": W.int_text("batch size", 64),
@@ -96,7 +99,7 @@ def controls() -> dict[str, Any]:
 
 
 def defaults(profile: str) -> dict[str, Any]:
-    """The knob values of each profile (lr 1e-3 as in seed 000, standard betas)."""
+    """The knob values of each profile (lr 1e-3 as in the power-eta thesis, standard betas)."""
     check_profile(profile)
     return {"lr": 1e-3, "lr_sgd": 0.1, "beta1": 0.9, **_DEFAULTS[profile]}
 
@@ -126,7 +129,8 @@ def validate(values: Mapping[str, Any]) -> list[str]:
 def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
     """The runs lab 1's knobs ask for: optimizer x eta (Adam/AMSGrad only) x seed.
 
-    CIFAR-10 with the profile's model (ResNet-44 in short/paper, seed 000's network; the tiny
+    CIFAR-10 with the profile's model (ResNet-44 in short/paper, the power-eta thesis's network;
+    the tiny
     CNN in smoke), no weight decay, the standard augmentation, beta2 = 0.999.
     """
     runs = []
@@ -169,7 +173,8 @@ def run_table(results: Any) -> Any:
 def figure(history: Any, profile: str = "smoke") -> Any:
     """Test accuracy per epoch, one panel per Adam-type / AMSGrad-type / other optimizers.
 
-    Like seed 000's Fig. 1 (Adam-type, (2)) and Fig. 2 (AMSGrad-type, (3)): one line per eta
+    Like the power-eta thesis's Fig. 1 (Adam-type, (2)) and Fig. 2 (AMSGrad-type, (3)): one line
+    per eta
     (mean over seeds, band from min to max). Outside the smoke profile a dotted line marks
     :data:`REFERENCE`. Returns the pyplot figure.
 
@@ -188,7 +193,7 @@ def figure(history: Any, profile: str = "smoke") -> Any:
     others = history[~history["optimizer"].isin(_ADAM_TYPE)]
     n = len(groups) + (1 if len(others) else 0)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8), layout="constrained", squeeze=False)
-    titles = {"adam": "Adam-type (2), seed 000 Fig. 1", "amsgrad": "AMSGrad-type (3), Fig. 2"}
+    titles = {"adam": "Adam-type (2), thesis Fig. 1", "amsgrad": "AMSGrad-type (3), Fig. 2"}
     panels = [(titles[opt], h, "eta") for opt, h in groups]
     if len(others):
         panels.append(("other optimizers", others, "optimizer"))

@@ -1,10 +1,12 @@
 """Lab 2, seeing smoothing (``labs/lab2_seeing_smoothing.ipynb``): the panel and the figures.
 
-Reproduces seed 004 Fig. 3 and seed 001's picture of graduated optimization: the smoothed
+Reproduces Sato & Iiduka (2024) Fig. 3 and Sato & Iiduka's (2023) picture of graduated
+optimization: the smoothed
 function ``f_hat_delta(x) = E_u[f(x - delta u)]`` of Rastrigin, Ackley and Styblinski-Tang in
 1-D and 2-D (closed form where :mod:`labkit.smoothing` has one, Monte Carlo otherwise), and
 gradient descent, noisy SGD and graduated optimization (:mod:`labkit.graduated`) from the same
-start. Book: chapters 6 (smoothing, seed 004) and 7 (graduated optimization, seed 001).
+start. Book: chapters 6 (smoothing, Sato & Iiduka (2024)) and 7 (graduated optimization, Sato &
+Iiduka (2023)).
 
 Lab 2 trains nothing: :func:`panel` is a :class:`labkit.widgets.ControlPanel` that computes
 the three methods' paths (:func:`run`) and draws them, with :func:`controls`,
@@ -70,8 +72,8 @@ def _functions() -> dict[str, _Function]:
 FUNCTIONS: dict[str, tuple[str, float, float]] = {
     k: (v.name, v.argmin, v.lr) for k, v in _functions().items()
 }
-_DIST_LABELS = {"gaussian": "Gaussian u ~ N(0, I/d) (seed 004)",
-                "ball": "uniform on the unit ball (seed 001)"}
+_DIST_LABELS = {"gaussian": "Gaussian u ~ N(0, I/d) (Sato & Iiduka (2024))",
+                "ball": "uniform on the unit ball (Sato & Iiduka (2023))"}
 _SAMPLES = {"smoke": 64, "short": 256, "paper": 1024}
 
 
@@ -347,7 +349,7 @@ def panel(profile: str | None = None) -> lk_widgets.ControlPanel:
     start, the learning rate and the SGD noise to that function's defaults.
     """
     panel = lk_widgets.ControlPanel(
-        "Lab 2: seeing smoothing (seed 004 Fig. 3, seed 001)",
+        "Lab 2: seeing smoothing (Sato & Iiduka (2024) Fig. 3, Sato & Iiduka (2023))",
         controls=controls(),
         task=_task,
         validate=validate,
@@ -377,7 +379,7 @@ def delta_table(deltas: Sequence[float] = (0.0, 0.2, 0.4, 0.7, 1.0, 3.0),
     """Closed-form ``f_hat_delta(x)`` of 1-D Rastrigin (Gaussian noise) at a few points.
 
     One dict per delta: ``{"delta": ..., "values": [f_hat(x) for x in xs], "convex": bool}``
-    (convex from the closed-form second derivative, as in seed 004 Fig. 3).
+    (convex from the closed-form second derivative, as in Sato & Iiduka (2024) Fig. 3).
     """
     import torch
 
@@ -393,9 +395,9 @@ def delta_table(deltas: Sequence[float] = (0.0, 0.2, 0.4, 0.7, 1.0, 3.0),
 
 
 def paper_figure() -> Any:
-    """Seed 004 Fig. 3 (Rastrigin and its smoothings) and the smallest curvature of
+    """Sato & Iiduka (2024) Fig. 3 (Rastrigin and its smoothings) and the smallest curvature of
     f_hat_delta against delta, with the convexity threshold and, labelled as the paper's, the
-    0.2-1 range of delta that generalized best in seed 004's CIFAR-100 experiments."""
+    0.2-1 range of delta that generalized best in Sato & Iiduka's (2024) CIFAR-100 experiments."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -404,7 +406,8 @@ def paper_figure() -> Any:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
     S.plot_rastrigin_smoothing(ax=ax1)
-    ax1.set_title("seed 004 Fig. 3: f and f̂_δ (Gaussian, closed form)", fontsize="medium")
+    ax1.set_title("Sato & Iiduka 2024, Fig. 3: f and f̂_δ (Gaussian, closed form)",
+                  fontsize="medium")
     deltas = np.linspace(0, 1.5, 301)
     curvature = 2 - 4 * math.pi**2 * 10 * np.exp(-2 * math.pi**2 * deltas**2)
     ax2.plot(deltas, curvature, color="tab:blue", label="min over x of f̂_δ''(x)")

@@ -1,6 +1,6 @@
 """Lab 3, the critical batch size (``labs/lab3_critical_batch.ipynb``), and what lab 4 shares.
 
-Reproduces seed 004 Fig. 4 and §4.3 (Sato & Iiduka (2024), "Role of momentum in smoothing
+Reproduces Sato & Iiduka (2024) Fig. 4 and §4.3 ("Role of momentum in smoothing
 objective function and generalizability of deep neural networks", arXiv:2402.02325): SGD, SHB
 and NSHB over a grid of batch sizes b; T(b) is the first step at which the running mean of the
 mini-batch gradient norms, (1/t) sum_{s<=t} ||grad f_{S_s}(x_{s-1})||, is <= eps (the test of
@@ -19,7 +19,8 @@ measures one eps per training). A run trained without the log falls back to
 :func:`labkit.experiments.sfo_from_history` (T rounded up to an epoch end; ``exact`` is False).
 
 Lab 4 (:mod:`labkit.labs.lab4`) trains the same sweep and takes from here the methods and batch
-sizes of seed 004 (:data:`OPTIMIZERS`, :data:`BATCH_SIZES`), the panel's optimizer and batch-size
+sizes of Sato & Iiduka (2024) (:data:`OPTIMIZERS`, :data:`BATCH_SIZES`), the panel's optimizer and
+batch-size
 selectors and their checks, the grid (:func:`grid`), the run names (:func:`label`) and C^2
 measured at the runs' final weights (:func:`gradient_stats_of_sweep`, :func:`max_by_optimizer`).
 """
@@ -86,7 +87,7 @@ __all__ = [
 #: The lab's notebook, without ``.ipynb``.
 LAB_ID = "lab3_critical_batch"
 
-#: The three methods of seed 004, in its order.
+#: The three methods of Sato & Iiduka (2024), in its order.
 OPTIMIZERS: tuple[str, ...] = ("sgd", "shb", "nshb")
 OPTIMIZER_LABELS = {"sgd": "SGD", "shb": "SHB", "nshb": "NSHB"}
 #: The paper's batch sizes, 2^3 ... 2^13.
@@ -210,7 +211,8 @@ def sfo_of_sweep(folder: str | os.PathLike, eps: float, *, min_epochs: int = 0,
                  runs: Sequence[str] | None = None) -> Any:
     """T and the SFO complexity T b of every run of a sweep folder, for threshold ``eps``.
 
-    The test of seed 004 §4.3 as in the authors' code: T is the first step t from the last step
+    The test of Sato & Iiduka (2024) §4.3 as in the authors' code: T is the first step t from the
+    last step
     of epoch ``min_epochs`` on (t >= min_epochs * ceil(n / b), and t >= 1) at which the running
     mean of the mini-batch gradient norms of steps 1..t is <= eps. Exact from the run's
     :class:`GradNormLog`; from the per-epoch means (:func:`labkit.experiments.sfo_from_history`,
@@ -413,7 +415,8 @@ def gradient_stats_of_sweep(folder: str | os.PathLike, *, runs: Sequence[str] | 
 
 
 def max_by_optimizer(stats: Any, column: str = "c2") -> dict[str, float]:
-    """The largest finite ``column`` per optimizer (seed 004's constants bound every iterate of
+    """The largest finite ``column`` per optimizer (Sato & Iiduka's (2024) constants bound every
+    iterate of
     every run, so the largest value measured is the best lower estimate)."""
     out: dict[str, float] = {}
     if column not in getattr(stats, "columns", ()):
@@ -431,7 +434,7 @@ def max_by_optimizer(stats: Any, column: str = "c2") -> dict[str, float]:
 
 
 def optimizer_selector() -> Any:
-    """The multi-select of seed 004's optimizers (SGD, SHB, NSHB), shared with lab 4."""
+    """The multi-select of Sato & Iiduka's (2024) optimizers (SGD, SHB, NSHB), shared with lab 4."""
     return lk_widgets.multi_select(
         "optimizers", [("SGD", "sgd"), ("SHB (heavy ball)", "shb"),
                        ("NSHB (normalized heavy ball)", "nshb")])
@@ -490,7 +493,8 @@ _DEFAULTS = {
     # looser eps = 1 is reached within them (the paper's 0.5 needs longer runs).
     "short": {"batch_sizes": (128, 256, 512, 1024, 2048), "eps": 1.0, "min_epochs": 2,
               "epochs": 15, "c2_images": 1024},
-    # Seed 004 §4.3: b = 2^3 ... 2^13, eps = 0.5, the test from epoch 10 on (authors' code).
+    # Sato & Iiduka (2024) §4.3: b = 2^3 ... 2^13, eps = 0.5, the test from epoch 10 on (authors'
+    # code).
     "paper": {"batch_sizes": BATCH_SIZES, "eps": 0.5, "min_epochs": 10, "epochs": 200,
               "c2_images": 2048},
 }
@@ -583,7 +587,7 @@ def sized_figure(fig: Any, size: tuple[float, float]) -> Any:
 
 def figure(sfo: Any, values: Mapping[str, Any], c2_measured: Mapping[str, float] | None = None,
            *, fig: Any = None) -> Any:
-    """Seed 004 Fig. 4 from your runs, and the C^2 bounds it implies.
+    """Sato & Iiduka (2024) Fig. 4 from your runs, and the C^2 bounds it implies.
 
     Top row, one panel per optimizer: the running mean of the mini-batch gradient norms
     against the examples processed t b, one line per batch size, with eps dashed; a line
@@ -645,7 +649,7 @@ def figure(sfo: Any, values: Mapping[str, Any], c2_measured: Mapping[str, float]
     else:
         ax.text(0.5, 0.5, f"no batch size reached ε = {eps:g}:\nraise ε or train longer",
                 ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(f"SFO complexity T·b (seed 004 Fig. 4), ε = {eps:g}", fontsize="medium")
+    ax.set_title(f"SFO complexity T·b (Sato & Iiduka 2024, Fig. 4), ε = {eps:g}", fontsize="medium")
     b_star = critical_batch_sizes(table)
     bounds = c2_bounds(b_star, lr=lr, eps=eps, beta=beta)
     _c2_bars(axes["c2"], opts, bounds, c2_measured or {})

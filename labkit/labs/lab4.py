@@ -1,6 +1,6 @@
 """Lab 4, smoothing degree and generalization (``labs/lab4_smoothing_generalization.ipynb``).
 
-Reproduces seed 004 Figs. 5-7 (Sato & Iiduka (2024), arXiv:2402.02325, §5.1): test accuracy
+Reproduces Sato & Iiduka (2024) Figs. 5-7 (arXiv:2402.02325, §5.1): test accuracy
 against the batch size b and against the smoothing degree delta of eqs. (12)-(14)
 (:func:`labkit.noise.smoothing_degree`), with C^2 (and K^2 for SHB) either measured at the runs'
 final weights or the paper's values. Book: chapters 6 (smoothing) and 8 (smoothing degree and
@@ -64,7 +64,7 @@ _DEFAULTS = {
     # One GPU: ResNet-18 on CIFAR-100, 5 batch sizes, 15 epochs.
     "short": {"batch_sizes": (128, 256, 512, 1024, 2048), "epochs": 15, "seeds": 1,
               "c2_images": 1024},
-    # Seed 004 Fig. 6: b = 2^3 ... 2^13, 200 epochs (the paper averages 7 seeds).
+    # Sato & Iiduka (2024) Fig. 6: b = 2^3 ... 2^13, 200 epochs (the paper averages 7 seeds).
     "paper": {"batch_sizes": BATCH_SIZES, "epochs": 200, "seeds": 1, "c2_images": 2048},
 }
 
@@ -148,7 +148,8 @@ def constants(panel: Any) -> dict[str, Any]:
     ``"measured"``: the largest C^2 and ||grad f||^2 measured at the final weights of each
     optimizer's finished runs (:func:`labkit.labs.lab3.gradient_stats_of_sweep`; lower
     estimates of the paper's constants, which bound every iterate). ``"paper"``: the C^2 bounds
-    of seed 004 §4.3 and K = 1.77 for SHB from the authors' code (upper bounds, for ResNet-18
+    of Sato & Iiduka (2024) §4.3 and K = 1.77 for SHB from the authors' code (upper bounds, for
+    ResNet-18
     on CIFAR-100).
 
     Returns:
@@ -169,7 +170,7 @@ def constants(panel: Any) -> dict[str, Any]:
 
 def delta_table(*, lr: float, beta: float, c2: Mapping[str, float], k2: float | None,
                 batch_sizes: Sequence[int]) -> dict[str, dict[int, float]]:
-    """``{optimizer: {batch size: delta}}``, seed 004 eqs. (12)-(14)
+    """``{optimizer: {batch size: delta}}``, Sato & Iiduka (2024) eqs. (12)-(14)
     (:func:`labkit.noise.smoothing_degree`), for each optimizer of ``c2``.
 
     Raises:
@@ -179,7 +180,7 @@ def delta_table(*, lr: float, beta: float, c2: Mapping[str, float], k2: float | 
     for opt in [o for o in OPTIMIZERS if o in c2]:
         if opt == "shb" and k2 is None:
             raise ValueError("k2 (K^2, a bound on E||grad f||^2) is required for SHB's delta "
-                             "(seed 004 eq. (13)); the authors' code uses K = 1.77")
+                             "(Sato & Iiduka (2024) eq. (13)); the authors' code uses K = 1.77")
         out[opt] = {int(b): float(lk_noise.smoothing_degree(
             opt, lr=lr, batch_size=int(b), c2=float(c2[opt]), beta=beta, k2=k2))
             for b in sorted(batch_sizes)}
@@ -188,7 +189,7 @@ def delta_table(*, lr: float, beta: float, c2: Mapping[str, float], k2: float | 
 
 def paper_delta_table() -> dict[str, dict[int, float]]:
     """:func:`delta_table` with the paper's values: eta = 0.1, beta = 0.9, the C^2 bounds
-    1280 / 25.318 / 128, K = 1.77 for SHB, b = 2^3 ... 2^13 (seed 004 Fig. 5)."""
+    1280 / 25.318 / 128, K = 1.77 for SHB, b = 2^3 ... 2^13 (Sato & Iiduka (2024) Fig. 5)."""
     pv = critical.PAPER_VALUES
     return delta_table(lr=pv["lr"], beta=pv["beta"], c2=pv["c2_upper_bound"],
                        k2=pv["k"]["shb"] ** 2, batch_sizes=pv["batch_sizes"])
@@ -208,7 +209,8 @@ def format_delta_table(table: Mapping[str, Mapping[int, float]], digits: int = 4
 
 def figure(results: Any, values: Mapping[str, Any], constants: Mapping[str, Any],
            *, fig: Any = None) -> Any:
-    """Seed 004 Fig. 7 from your runs: delta against b, test accuracy against b, and test
+    """Sato & Iiduka (2024) Fig. 7 from your runs: delta against b, test accuracy against b, and
+    test
     accuracy against delta.
 
     delta comes from each run's lr, b and beta with ``constants`` (:func:`constants`).

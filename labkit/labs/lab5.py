@@ -1,11 +1,13 @@
 """Lab 5, implicit graduated optimization (``labs/lab5_implicit_graduated.ipynb``).
 
-Reproduces seed 001's experiments "implicit graduated optimization" and "optimal learning-rate
+Reproduces Sato & Iiduka's (2023) experiments "implicit graduated optimization" and "optimal
+learning-rate
 decay" (Sato & Iiduka, arXiv:2311.08745). Book: chapter 7 (graduated optimization).
 
 SGD with learning rate eta and batch size b smooths the loss with degree
 ``delta = eta C / sqrt(b)`` (C^2 the stochastic-gradient variance), so lowering eta or raising b
-during training is graduated optimization. Seed 001 trains ResNet-18 on CIFAR-100 with plain SGD
+during training is graduated optimization. Sato & Iiduka (2023) trains ResNet-18 on CIFAR-100 with
+plain SGD
 (no momentum), eta_0 = 0.1, b_0 = 32, 200 epochs, and compares a constant schedule with three
 step schedules that each multiply delta by 1/sqrt(2) every 40 epochs (eta x 1/sqrt(2); b x 2;
 eta x sqrt(3)/2 with b x 1.5) and with the polynomial decay ``eta_e = eta_0 (1 - e / E)^p`` that
@@ -66,9 +68,9 @@ _STEP_SHORT = {"constant": "constant", "lr_step": "lr × 1/√2", "batch_step": 
                "hybrid_step": "lr × √3/2, b × 1.5"}
 #: The powers p the panel offers for the polynomial decay.
 POWERS: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9, 1.0, 2.0)
-#: Seed 001's experiment (Sato & Iiduka, arXiv:2311.08745).
+#: Sato & Iiduka's (2023, arXiv:2311.08745) experiment.
 PAPER: dict[str, Any] = {
-    "source": "Sato & Iiduka, arXiv:2311.08745 (seed 001)",
+    "source": "Sato & Iiduka, arXiv:2311.08745",
     "model": "resnet18", "dataset": "cifar100", "optimizer": "sgd (no momentum)",
     "lr0": 0.1, "batch0": 32, "epochs": 200, "every": 40, "p": 0.9,
     "stage_factor": 2.0**-0.5,
@@ -79,7 +81,7 @@ _DEFAULTS = {
     "smoke": {"epochs": 5, "every": 1},
     # One GPU: ResNet-18 on CIFAR-100, 20 epochs, stages of 4 epochs.
     "short": {"epochs": 20, "every": 4},
-    # Seed 001's scale: 200 epochs, stages of 40 epochs.
+    # Sato & Iiduka's (2023) scale: 200 epochs, stages of 40 epochs.
     "paper": {"epochs": 200, "every": 40},
 }
 
@@ -99,7 +101,8 @@ def controls() -> dict[str, Any]:
 
 
 def defaults(profile: str) -> dict[str, Any]:
-    """The knob values of each profile: seed 001's lr0 = 0.1, b0 = 32, all schedules, p = 0.9;
+    """The knob values of each profile: Sato & Iiduka's (2023) lr0 = 0.1, b0 = 32, all schedules, p
+    = 0.9;
     five stages (epochs / every = 5, as 200 / 40 in the seed)."""
     check_profile(profile)
     return {"schedules": tuple(SCHEDULES), "powers": (0.9,), "lr0": 0.1, "batch0": 32,
@@ -129,7 +132,8 @@ def validate(values: Mapping[str, Any]) -> list[str]:
     elif (is_int_at_least(epochs, 2) and every >= epochs
           and any(s in _STEP_MODES for s in schedules)):
         msgs.append(f"stage length ({every} epochs) must be shorter than the run ({epochs} "
-                    "epochs), or the step schedules never change δ; seed 001 uses 40 of 200")
+                    "epochs), or the step schedules never change δ; Sato & Iiduka 2023 use 40 "
+                    "of 200")
     if not is_int_at_least(values.get("seeds"), 1):
         msgs.append(f"seeds must be an integer >= 1; got {values.get('seeds')}")
     return msgs
@@ -156,7 +160,8 @@ def _specs(key: str, values: Mapping[str, Any]) -> list[tuple[dict, dict]]:
 def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
     """The runs lab 5's knobs ask for: schedule (and p) x seed.
 
-    CIFAR-100 with the profile's model (ResNet-18 in short/paper, seed 001's network; the tiny
+    CIFAR-100 with the profile's model (ResNet-18 in short/paper, Sato & Iiduka's (2023) network;
+    the tiny
     CNN in smoke), plain SGD without momentum or weight decay, the standard augmentation.
 
     Raises:
@@ -305,7 +310,8 @@ def epoch_plans(history: Any) -> dict[str, dict[str, list]]:
 
 def stage_rows(lr0: float = 0.1, batch0: int = 32, epochs: int = 200, every: int = 40,
                p: float = 0.9) -> list[dict[str, Any]]:
-    """Seed 001's schedules stage by stage (defaults: the seed's lr0, b0, epochs and stages).
+    """Sato & Iiduka's (2023) schedules stage by stage (defaults: the seed's lr0, b0, epochs and
+    stages).
 
     One dict per stage m = 0, 1, ...: ``{"stage": m, "first_epoch": ..., "last_epoch": ...,
     <key>: {"lr": ..., "batch_size": ..., "delta_ratio": ...}}`` for the keys ``lr_step``,
@@ -345,7 +351,8 @@ def figure(history: Any) -> Any:
 
     Left: test accuracy (mean over seeds, band from min to max). Right: the smoothing degree
     relative to the start, computed from each schedule (:func:`epoch_plan`), on a log
-    axis, with seed 001's step schedules (delta x 1/sqrt(2) every 40 of 200 epochs) and its
+    axis, with Sato & Iiduka's (2023) step schedules (delta x 1/sqrt(2) every 40 of 200 epochs) and
+    its
     p = 0.9 decay drawn on the run's epoch axis, labelled as the paper's. Returns the pyplot
     figure.
 
@@ -371,7 +378,8 @@ def figure(history: Any) -> Any:
         ratios = epoch_plan(g.iloc[0])["delta_ratio"]
         ax_d.step(np.arange(len(ratios) + 1), [*ratios, ratios[-1]], where="post",
                   color=color, lw=max(1.2, 5.0 - 0.9 * i), alpha=0.85, label=name)
-    # Seed 001's schedules at its scale (200 epochs, stages of 40), mapped onto this run's
+    # Sato & Iiduka's (2023) schedules at its scale (200 epochs, stages of 40), mapped onto this
+    # run's
     # epochs: the paper's epoch e (0-based) is drawn over [e, e + 1) * epochs / 200.
     pe = np.arange(PAPER["epochs"] + 1)
     x = pe * epochs / PAPER["epochs"]
@@ -385,7 +393,7 @@ def figure(history: Any) -> Any:
               label="paper: poly p = 0.9 over 200 epochs")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy (%)")
-    ax_acc.set_title("test accuracy per schedule (seed 001's experiment)", fontsize="medium")
+    ax_acc.set_title("test accuracy per schedule (Sato & Iiduka 2023)", fontsize="medium")
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.grid(True, alpha=0.3)
     ax_acc.legend(fontsize="small")

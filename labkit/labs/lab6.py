@@ -1,11 +1,12 @@
 """Lab 6, sharpness vs smoothing (``labs/lab6_sharpness.ipynb``).
 
-Reproduces seed 004 §5.3 and Fig. 8 (a), (c), (d), (e) (Sato & Iiduka 2024, arXiv:2402.02325).
+Reproduces Sato & Iiduka (2024, arXiv:2402.02325) §5.3 and Fig. 8 (a), (c), (d), (e).
 Book: chapter 8 (adaptive sharpness and the smoothing degree).
 
 Train with several (eta, b) (SGD in the seed; SHB and NSHB as options), measure the adaptive
 sharpness (Kwon et al. 2021, arXiv:2102.11600) of every final model with rho = 0.0002 and the
-l_inf ball (:func:`labkit.experiments.measure_sharpness`), and compute each run's delta (seed 004
+l_inf ball (:func:`labkit.experiments.measure_sharpness`), and compute each run's delta (Sato &
+Iiduka (2024)
 eqs. (12)-(14)) from either the paper's C^2 bounds or C^2 measured at the run's final weights
 (:func:`labkit.noise.gradient_variance`).
 
@@ -55,16 +56,16 @@ LAB_ID = "lab6_sharpness"
 
 #: The optimizers of lab 6 (the seed's Fig. 8 uses SGD).
 OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "shb": "SHB", "nshb": "NSHB"}
-#: Learning rates offered (seed 004 Fig. 8: 0.01, 0.05, 0.1, 0.5).
+#: Learning rates offered (Sato & Iiduka (2024) Fig. 8: 0.01, 0.05, 0.1, 0.5).
 LRS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.5)
-#: Batch sizes offered (seed 004 Fig. 8: 2^1 ... 2^13).
+#: Batch sizes offered (Sato & Iiduka (2024) Fig. 8: 2^1 ... 2^13).
 BATCH_SIZES: tuple[int, ...] = tuple(2**k for k in range(1, 14))
 #: Where the C^2 of delta comes from.
 C2_SOURCES: dict[str, str] = {
-    "paper": "seed 004's bounds: C² = 1280 / 25.318 / 128, K = 1.77 (SHB)",
+    "paper": "Sato & Iiduka's (2024) bounds: C² = 1280 / 25.318 / 128, K = 1.77 (SHB)",
     "measured": "measured: gradient variance at each run's final weights",
 }
-#: Seed 004 §5.3 / Fig. 8 (Sato & Iiduka 2024, arXiv:2402.02325).
+#: Sato & Iiduka (2024, arXiv:2402.02325) §5.3 / Fig. 8.
 PAPER: dict[str, Any] = {
     "source": "Sato & Iiduka (2024), arXiv:2402.02325, §5.3 and Fig. 8",
     "optimizer": "sgd", "lrs": (0.01, 0.05, 0.1, 0.5),
@@ -86,7 +87,8 @@ _DEFAULTS = {
     # One GPU: ResNet-18 on CIFAR-100, 3 lr x 3 b, 15 epochs.
     "short": {"lrs": (0.05, 0.1, 0.5), "batch_sizes": (32, 128, 512), "epochs": 15,
               "n_batches": 4, "sharpness_batch_size": 256, "n_iters": 20},
-    # Seed 004's scale (200 epochs, its four learning rates), every other batch size 2^3..2^13.
+    # Sato & Iiduka's (2024) scale (200 epochs, its four learning rates), every other batch size
+    # 2^3..2^13.
     "paper": {"lrs": (0.01, 0.05, 0.1, 0.5), "batch_sizes": (8, 32, 128, 512, 2048, 8192),
               "epochs": 200, "n_batches": 8, "sharpness_batch_size": 256, "n_iters": 20},
 }
@@ -110,7 +112,7 @@ def controls() -> dict[str, Any]:
         "seeds": W.int_slider("seeds", 1, 7, 1),
         "c2_source": W.dropdown("C² for δ", [(v, k) for k, v in C2_SOURCES.items()]),
         "rho": W.float_text("sharpness radius ρ", 0.0002),
-        "norm": W.dropdown("sharpness ball", [("ℓ∞ (seed 004)", "linf"), ("ℓ2", "l2")]),
+        "norm": W.dropdown("sharpness ball", [("ℓ∞ (Sato & Iiduka (2024))", "linf"), ("ℓ2", "l2")]),
         "n_batches": W.int_text("sharpness: batches", 2),
         "sharpness_batch_size": W.int_text("sharpness: batch size", 64),
         "n_iters": W.int_text("sharpness: ascent steps", 5),
@@ -118,7 +120,7 @@ def controls() -> dict[str, Any]:
 
 
 def defaults(profile: str) -> dict[str, Any]:
-    """The knob values of each profile (SGD, seed 004's rho = 0.0002 and l_inf ball, the
+    """The knob values of each profile (SGD, Sato & Iiduka's (2024) rho = 0.0002 and l_inf ball, the
     paper's C^2)."""
     check_profile(profile)
     return {"optimizers": ("sgd",), "beta": 0.9, "seeds": 1, "c2_source": "paper",
@@ -150,7 +152,8 @@ def validate(values: Mapping[str, Any]) -> list[str]:
         msgs.append(f"C² source must be one of {', '.join(C2_SOURCES)}; got "
                     f"{values.get('c2_source')!r}")
     if not is_positive(values.get("rho")):
-        msgs.append(f"sharpness radius ρ must be > 0 (seed 004: 0.0002); got {values.get('rho')}")
+        msgs.append("sharpness radius ρ must be > 0 (Sato & Iiduka 2024: 0.0002); "
+                    f"got {values.get('rho')}")
     if values.get("norm") not in ("linf", "l2"):
         msgs.append(f"sharpness ball must be 'linf' or 'l2'; got {values.get('norm')!r}")
     nb, sb = values.get("n_batches"), values.get("sharpness_batch_size")
@@ -208,9 +211,10 @@ def gradient_variance(run: str | Path, *, n_examples: int = 512, seed: int = 0,
     :func:`labkit.experiments.results.measure_gradient_stats` (per-example gradients of the
     cross-entropy at the weights of ``<run>/checkpoint.pt``, model in eval mode, on a fixed
     random subset (``seed``) of the training split, normalized as in training and not
-    augmented), as ``{"c2": C^2, "k2": ||grad f||^2, "n": n_examples}``. Seed 004's C^2 bounds
-    the variance at every iterate of a run; one point gives a lower bound on it, and the end of
-    training is where the noise acted last. Cached in ``<run>/gradient-stats.json``.
+    augmented), as ``{"c2": C^2, "k2": ||grad f||^2, "n": n_examples}``. The C^2 of
+    Sato & Iiduka (2024) bounds the variance at every iterate of a run; one point gives a lower
+    bound on it, and the end of training is where the noise acted last. Cached in
+    ``<run>/gradient-stats.json``.
 
     Raises:
         FileNotFoundError: the folder has no ``config.json`` or ``checkpoint.pt``.
@@ -344,7 +348,8 @@ def records(table: Any) -> list[dict[str, Any]]:
             for row in table.to_dict("records")]
 
 
-# Seed 004 Fig. 7's background: >= 70% high, >= 65% intermediate, < 65% poor generalization.
+# Sato & Iiduka (2024) Fig. 7's background: >= 70% high, >= 65% intermediate, < 65% poor
+# generalization.
 _PAPER_BANDS = ((70.0, 100.0, "tab:green", "high"), (65.0, 70.0, "tab:blue", "intermediate"),
                 (0.0, 65.0, "tab:red", "poor"))
 
@@ -402,13 +407,13 @@ def _draw(fig: Any, table: Any, profile: str) -> Any:
         if ax.get_xscale() == "log" and x != "batch_size":
             _plain_log_ticks(ax.xaxis)
         ax.set_title(title, fontsize="medium")
-    fig.suptitle("Seed 004 Fig. 8 from your runs: adaptive sharpness (the paper: ρ = "
+    fig.suptitle("Sato & Iiduka (2024) Fig. 8 from your runs: adaptive sharpness (the paper: ρ = "
                  f"{PAPER['rho']:g}, ℓ∞ ball) and smoothing degree δ", fontsize="medium")
     return fig
 
 
 def figure(table: Any, profile: str = "smoke") -> Any:
-    """Seed 004 Fig. 8 (a), (c), (d), (e) from :func:`measure`'s table.
+    """Sato & Iiduka (2024) Fig. 8 (a), (c), (d), (e) from :func:`measure`'s table.
 
     (a) sharpness vs batch size, (c) sharpness vs delta, (d) test accuracy vs sharpness,
     (e) test accuracy vs delta; one line per learning rate (per optimizer and learning rate
@@ -448,7 +453,8 @@ def paper_delta_rows(c2: float | None = None,
                      lrs: Sequence[float] = PAPER["lrs"],
                      batch_sizes: Sequence[int] = PAPER["batch_sizes"]
                      ) -> list[dict[str, Any]]:
-    """delta_SGD = lr sqrt(C^2 / b) (seed 004 eq. (12)) over seed 004 Fig. 8's grid.
+    """delta_SGD = lr sqrt(C^2 / b) (Sato & Iiduka (2024) eq. (12)) over Sato & Iiduka (2024) Fig.
+    8's grid.
 
     ``c2`` defaults to the paper's bound C^2_SGD = 1280 (which it derived at lr = 0.1; the
     paper estimated C^2 for each learning rate of Fig. 8 but does not print those values).

@@ -2,7 +2,7 @@
 
 Book: chapter 3 (SGD and momentum: ``SGD``, ``SHB``, ``NSHB``, ``Nesterov``) and chapter 4
 (adaptive methods: ``AdaGrad``, ``RMSProp``, ``AdamEta`` = Adam/AMSGrad with the power eta
-of seed 000). Each class docstring states its update rule and the paper it comes from.
+of the power-eta thesis). Each class docstring states its update rule and the paper it comes from.
 
 Every optimizer has a per-tensor path and a multi-tensor (``torch._foreach_*``) path,
 ``foreach=None`` picking like torch (multi-tensor on CUDA, per-tensor on CPU); supports

@@ -34,7 +34,8 @@ class AdaGrad(ValidatedOptimizer):
     Duchi, Hazan and Singer (2011), "Adaptive subgradient methods for online learning and
     stochastic optimization", JMLR 12. Coordinates with large past gradients get small
     steps; since s_t only grows, the step size of every coordinate is non-increasing (the
-    monotone preconditioner of seed 000's assumption (A3) holds trivially). Step for step
+    monotone preconditioner of the power-eta thesis's assumption (A3) holds trivially). Step for
+    step
     equal to ``torch.optim.Adagrad(params, lr, lr_decay=0, weight_decay=weight_decay,
     initial_accumulator_value=0, eps=eps)``. Complex params are treated as pairs of reals.
 

@@ -1,7 +1,7 @@
-"""Adam and AMSGrad with a power eta in the second moment (seed 000's family).
+"""Adam and AMSGrad with a power eta in the second moment (the power-eta thesis's family).
 
 Book: chapter 4 (adaptive methods), Adam, AMSGrad and the power-eta family: Algorithm 3.1
-of seed 000 with the preconditioners (2) (Adam type) and (3) (AMSGrad type), where the
+of the power-eta thesis with the preconditioners (2) (Adam type) and (3) (AMSGrad type), where the
 second moment averages |g|^eta and the preconditioner takes its 1/eta-th root. eta = 2 is
 Adam (Kingma and Ba 2015) and AMSGrad (Reddi, Kale and Kumar 2018) as torch ships them.
 """
@@ -131,14 +131,15 @@ class AdamEta(ValidatedOptimizer):
     amsgrad=amsgrad)`` (same operations in the same order, so float64 trajectories agree
     to round-off): Kingma and Ba (2015), "Adam: a method for stochastic optimization",
     arXiv:1412.6980; Reddi, Kale and Kumar (2018), "On the convergence of Adam and beyond",
-    ICLR, arXiv:1904.09237. Other eta > 0 give seed 000's family (eta in {1/3, 1/2, 1, 2,
+    ICLR, arXiv:1904.09237. Other eta > 0 give the power-eta thesis's family (eta in {1/3, 1/2, 1,
+    2,
     3, 4} in its CIFAR-10 experiments). Since the bias-corrected v is a weighted average
     of past |g|^eta with weights summing to 1, the denominator is a weighted power mean of
     past |g|: it grows with eta, from the geometric mean (eta -> 0) through the mean
     absolute value (eta = 1) and the root mean square (eta = 2) to the maximum
     (eta -> infinity); larger eta means smaller, more outlier-driven steps.
 
-    Relation to seed 000's Algorithm 3.1 (analysed by Iiduka, arXiv:2002.09647). With
+    Relation to the power-eta thesis's Algorithm 3.1 (analysed by Iiduka, arXiv:2002.09647). With
     X = R^d the projection is the identity and the algorithm reads
     x_{n+1} = x_n - alpha m_hat_n / h_n with the same m_hat_n = m_n / (1 - beta1^{n+1})
     (n counts from 0), and a diagonal preconditioner H_n = diag(h_n) that must be monotone,

@@ -1,6 +1,6 @@
 """SGD with momentum: stochastic heavy ball (SHB), normalized heavy ball (NSHB), Nesterov.
 
-Book: chapter 3 (SGD and momentum), the SHB and NSHB updates of seed 004 (Algorithms 2.2
+Book: chapter 3 (SGD and momentum), the SHB and NSHB updates of Sato & Iiduka (2024) (Algorithms 2.2
 and 2.3 of Sato and Iiduka 2024, arXiv:2402.02325) and Nesterov's momentum in the form
 that PyTorch ships.
 
@@ -175,7 +175,7 @@ class NSHB(_Momentum):
     instead of (1 - beta) g_0, so on the same gradients its buffer exceeds NSHB's by
     beta^{t+1} g_0, a transient that decays geometrically. With beta = 0.9 and the same
     lr, NSHB takes steps 10 times shorter than SHB, which is why the two behave so
-    differently in practice (seed 004: delta_NSHB = lr sqrt(C^2 / ((1 - beta) b))).
+    differently in practice (Sato & Iiduka (2024): delta_NSHB = lr sqrt(C^2 / ((1 - beta) b))).
 
     Args:
         params: tensors or param groups (dicts).

@@ -1,6 +1,6 @@
 """Plain stochastic gradient descent (no momentum).
 
-Book: chapter 3 (SGD and momentum), the SGD update x_{t+1} = x_t - eta g_t (seed 004,
+Book: chapter 3 (SGD and momentum), the SGD update x_{t+1} = x_t - eta g_t (Sato & Iiduka (2024),
 Algorithm 2.1; Robbins and Monro 1951).
 """
 
