@@ -324,9 +324,11 @@ def _add_grade_parser(sub: Any) -> None:
                    help="a student's notebook, or a folder: each notebook directly in it and "
                    "each subfolder (nbgrader's submitted/<student>/) is one student's")
     g.add_argument("--lab", required=True, metavar="LAB.ipynb",
-                   help="the released lab notebook, e.g. labs/lab3_critical_batch.ipynb")
+                   help="the lab the students received (nbgrader's release version) or its "
+                   "source version, e.g. labs/lab3_critical_batch.ipynb")
     g.add_argument("--key", default=None, metavar="KEY.yml",
-                   help="answer key (default: keys/<lab>.yml next to the lab)")
+                   help="answer key (default: keys/<lab>.yml next to the lab or in one of the "
+                   "two folders above it)")
     g.add_argument("--out", required=True, metavar="GRADEBOOK.csv", help="the CSV gradebook")
     g.add_argument("--feedback", default=None, metavar="DIR",
                    help="also write one Markdown feedback page per student into DIR")
@@ -345,6 +347,10 @@ def _add_grade_parser(sub: Any) -> None:
                    help="with --execute: kernel name (default: the notebook's, else python3)")
     g.add_argument("--save-executed", default=None, metavar="DIR",
                    help="with --execute: keep the executed notebooks in DIR")
+    g.add_argument("--source", default=None, metavar="SOURCE.ipynb",
+                   help="with --execute: the lab's source version, whose locked cells (with "
+                   "the hidden tests nbgrader's release strips) are run (default: LAB when it "
+                   "is a source version, else source/<lab>.ipynb next to LAB if present)")
     g.set_defaults(subparser=g)
 
 
@@ -358,20 +364,41 @@ def build_grade_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (escape sequences, carriage
+    returns) and bidirectional overrides in a student's file name are shown escaped."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from labkit.grading import grade_submissions, write_feedback, write_gradebook
+    from labkit.grading import (
+        grade_submissions,
+        load_release,
+        load_source,
+        write_feedback,
+        write_gradebook,
+    )
 
     if not args.execute:
         for flag, value in (("--timeout", args.timeout), ("--kernel", args.kernel),
-                            ("--save-executed", args.save_executed)):
+                            ("--save-executed", args.save_executed), ("--source", args.source)):
             if value is not None:
                 parser.error(f"{flag} only applies with --execute")
     timeout = 600.0 if args.timeout is None else args.timeout
     try:
+        source = None
+        if args.execute:
+            release = load_release(args.lab)
+            source = load_source(args.source, release).path
+            print(f"--execute: the locked cells run as in {source}"
+                  + ("" if source != release.path or release.has_hidden_tests
+                     or release.has_solutions else
+                     " (a release version: hidden tests it may have had are not run; pass "
+                     "--source SOURCE.ipynb to run them)"))
         results = grade_submissions(
             args.submissions, args.lab, args.key, student_from=args.student_from,
             max_bytes=int(args.max_size * 2**20), execute=args.execute, timeout=timeout,
-            kernel_name=args.kernel, save_executed=args.save_executed,
+            kernel_name=args.kernel, save_executed=args.save_executed, source=source,
         )
     except FileNotFoundError as e:
         print(f"labkit grade: error: {e}", file=sys.stderr)
@@ -384,10 +411,11 @@ def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return 1
     key = results[0].key
     write_gradebook(results, key, args.out)
-    width = max(len(r.student) for r in results)
-    for r in results:
+    names = [_printable(r.student) for r in results]
+    width = max(len(n) for n in names)
+    for name, r in zip(names, results, strict=True):
         note = f"  {r.error}" if r.error else (f"  ({len(r.flags)} flag(s))" if r.flags else "")
-        print(f"{r.student:<{width}}  {r.total:g} / {key.max_points:g}{note}")
+        print(_printable(f"{name:<{width}}  {r.total:g} / {key.max_points:g}{note}"))
     if args.feedback:
         write_feedback(results, args.feedback)
     bad = sum(r.error is not None for r in results)

@@ -25,10 +25,13 @@ from __future__ import annotations
 import ast
 import copy
 import csv
+import itertools
 import json
 import math
 import numbers
+import os
 import re
+import stat
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +44,8 @@ import yaml
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_TIMEOUT",
+    "MAX_DEPTH",
+    "NO_OUTPUTS",
     "RECORD_MIME",
     "RULES",
     "Check",
@@ -57,12 +62,16 @@ __all__ = [
     "execute_notebook",
     "extract_records",
     "feedback_markdown",
+    "find_key",
     "find_submissions",
     "grade_notebook",
     "grade_submissions",
+    "key_candidates",
     "load_key",
     "load_release",
+    "load_source",
     "read_notebook",
+    "source_candidates",
     "write_feedback",
     "write_gradebook",
 ]
@@ -73,6 +82,11 @@ RECORD_MIME = "application/vnd.labkit.record+json"
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 #: Per-cell time limit (seconds) of ``--execute``.
 DEFAULT_TIMEOUT = 600
+#: Deepest nesting of JSON lists and objects read from a submission (and from a recorded value's
+#: text). A notebook reaches a record's value 8 levels down and the labs' recorded tables add 3
+#: or 4; deeper input is refused before it is parsed, so that no parser, nbformat, copy or rule
+#: recurses anywhere near Python's recursion limit.
+MAX_DEPTH = 64
 
 _TEXT_RECORD = re.compile(r"\Alabkit\.record: (?P<name>.+?) = (?P<value>.*)\Z", re.S)
 _HIDDEN_TESTS = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?^[ \t]*### END HIDDEN TESTS[^\n]*\n?",
@@ -92,11 +106,14 @@ class GradedCell:
     grade_id: str
     index: int
     cell_type: str
+    #: the source compared with a submission's: hidden tests removed, whitespace normalized
     source: str
     locked: bool
     grade: bool
     solution: bool
     points: float | None
+    #: the source exactly as in the file (with any hidden tests)
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,17 @@ class Release:
     @property
     def grade_ids(self) -> tuple[str, ...]:
         return tuple(c.grade_id for c in self.cells)
+
+    @property
+    def has_hidden_tests(self) -> bool:
+        """Whether a locked cell holds ``### BEGIN HIDDEN TESTS`` (a source version)."""
+        return any(c.locked and _HIDDEN_TESTS.search(c.text) for c in self.cells)
+
+    @property
+    def has_solutions(self) -> bool:
+        """Whether a solution cell holds ``### BEGIN SOLUTION`` (a source version; nbgrader's
+        release replaces those blocks by a stub)."""
+        return any(c.solution and "### BEGIN SOLUTION" in c.text for c in self.cells)
 
 
 @dataclass(frozen=True)
@@ -187,16 +215,20 @@ def _normalized_source(source: Any) -> str:
 
 
 def load_release(path: str | Path) -> Release:
-    """Read the released lab notebook ``path`` and list its graded cells.
+    """Read the lab notebook ``path`` (nbgrader's release version, or the source version with
+    solutions) and list its graded cells.
+
+    The lab's name is its ``metadata.labkit.lab`` when it has one (so a renamed copy still
+    matches its key), else the file name without ``.ipynb``.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         ValueError: if it is not an nbformat 4 notebook or has no nbgrader cells.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"lab notebook {str(path)!r} not found; pass --lab "
-                                "labs/<lab>.ipynb, the released lab the students worked on")
+                                "labs/<lab>.ipynb, the lab the students worked on")
     nb, error = read_notebook(path, max_bytes=None)
     if nb is None:
         raise ValueError(f"lab {str(path)!r} cannot be used: {error}")
@@ -211,6 +243,7 @@ def load_release(path: str | Path) -> Release:
             source=_normalized_source(cell.source), locked=bool(meta.get("locked")),
             grade=bool(meta.get("grade")), solution=bool(meta.get("solution")),
             points=float(points) if isinstance(points, numbers.Real) else None,
+            text=str(cell.source),
         ))
     if not cells:
         raise ValueError(f"lab {str(path)!r} has no cells with nbgrader metadata (grade_id); "
@@ -222,13 +255,83 @@ def load_release(path: str | Path) -> Release:
                          "grade_ids must be unique")
     prerun = frozenset(c.get("id") for c in nb.cells if c.cell_type == "code" and c.get("id")
                        and (c.get("outputs") or c.get("execution_count") is not None))
-    return Release(path=path, lab=path.stem, cells=tuple(cells), prerun=prerun)
+    meta = nb.metadata.get("labkit")
+    name = meta.get("lab") if isinstance(meta, Mapping) else None
+    return Release(path=path, lab=name if isinstance(name, str) and name else path.stem,
+                   cells=tuple(cells), prerun=prerun)
 
 
-def default_key_path(lab: str | Path) -> Path:
-    """``labs/<lab>.ipynb`` -> ``labs/keys/<lab>.yml``."""
+def key_candidates(lab: str | Path, name: str | None = None) -> list[Path]:
+    """Where the answer key of the lab notebook ``lab`` is looked for, in order:
+    ``keys/<name>.yml`` in the lab's folder and in the two folders above it. That finds
+    ``labs/keys/`` for ``labs/<lab>.ipynb`` and for ``labs/source/<lab>.ipynb``, and
+    ``<course>/keys/`` for nbgrader's ``<course>/release/<assignment>/<lab>.ipynb``.
+    ``name`` (default: the file name without .ipynb) is the lab's name."""
     lab = Path(lab)
-    return lab.parent / "keys" / f"{lab.stem}.yml"
+    names = list(dict.fromkeys([name or lab.stem, lab.stem]))
+    folders = [Path(os.path.normpath(lab.parent / up)) for up in (".", "..", "../..")]
+    return list(dict.fromkeys(f / "keys" / f"{n}.yml" for f in folders for n in names))
+
+
+def default_key_path(lab: str | Path, name: str | None = None) -> Path:
+    """The answer key of the lab notebook ``lab``: the first of :func:`key_candidates` that
+    exists, else the first of them (``labs/<lab>.ipynb`` -> ``labs/keys/<lab>.yml``)."""
+    candidates = key_candidates(lab, name)
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def source_candidates(lab: str | Path) -> list[Path]:
+    """Where the source version (solutions and hidden tests) of the lab notebook ``lab`` is
+    looked for: ``source/<lab>.ipynb`` next to it (``labs/source/`` for ``labs/<lab>.ipynb``)
+    and nbgrader's ``<course>/source/<assignment>/<lab>.ipynb`` for
+    ``<course>/release/<assignment>/<lab>.ipynb``."""
+    lab = Path(lab)
+    out = [lab.parent / "source" / lab.name]
+    folder = lab.absolute().parent
+    if folder.parent.name == "release":
+        course = Path(os.path.normpath(lab.parent / ".." / ".."))
+        out.append(course / "source" / folder.name / lab.name)
+    return out
+
+
+def _check_source(source: Release, release: Release) -> None:
+    """The source must be the one ``release`` came from: the same lab, every graded cell of the
+    release present, and every locked cell the same once hidden tests are taken out."""
+    where = f"source {str(source.path)!r}"
+    if source.lab != release.lab:
+        raise ValueError(f"{where} is lab {source.lab!r}, but --lab is {release.lab!r}")
+    for cell in release.cells:
+        theirs = source.cell(cell.grade_id)
+        if theirs is None:
+            raise ValueError(f"{where} has no cell {cell.grade_id!r} of {release.lab}; pass the "
+                             "source version the students' lab was generated from")
+        if cell.locked and theirs.source != cell.source:
+            raise ValueError(f"{where}: the locked cell {cell.grade_id!r} differs from the lab's "
+                             "(not only by hidden tests); pass the source version the students' "
+                             "lab was generated from")
+
+
+def load_source(path: str | Path | None, release: Release) -> Release:
+    """The version of ``release`` whose locked cells ``--execute`` runs: ``path`` (checked to be
+    the source ``release`` came from); else ``release`` itself when it has hidden tests or
+    solutions (it is a source version); else the first of :func:`source_candidates` that exists;
+    else ``release`` (an nbgrader release without a source at hand: its hidden tests were
+    stripped and cannot be run).
+
+    Raises:
+        FileNotFoundError: if ``path`` is given and does not exist.
+        ValueError: if the source is malformed or does not belong to ``release``.
+    """
+    if path is None:
+        if release.has_hidden_tests or release.has_solutions:
+            return release
+        found = [p for p in source_candidates(release.path) if p.is_file()]
+        if not found:
+            return release
+        path = found[0]
+    source = load_release(path)
+    _check_source(source, release)
+    return source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,15 +350,22 @@ class Record:
 
 
 def _parse_text_value(text: str) -> Any:
+    """The value of a text record: JSON, else a Python literal, else the text itself. The
+    caller has checked the nesting depth (:func:`_too_deep`)."""
     text = text.strip()
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError, MemoryError):
         pass
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
+
+
+def _too_deep_problem(index: int, name: str | None) -> str:
+    what = "a record" if name is None else f"the record {_fmt(name)}"
+    return f"cell {index}: {what} nests more than {MAX_DEPTH} levels deep and was ignored"
 
 
 def extract_records(nb: Mapping[str, Any]) -> tuple[dict[str, Record], list[str]]:
@@ -276,9 +386,12 @@ def extract_records(nb: Mapping[str, Any]) -> tuple[dict[str, Record], list[str]
             if RECORD_MIME in data:
                 payload = data[RECORD_MIME]
                 if isinstance(payload, str):
+                    if _too_deep(payload):
+                        problems.append(_too_deep_problem(index, None))
+                        continue
                     try:
                         payload = json.loads(payload)
-                    except ValueError:
+                    except (ValueError, RecursionError, MemoryError):
                         payload = None
                 if (not isinstance(payload, Mapping) or not isinstance(payload.get("name"), str)
                         or "value" not in payload):
@@ -297,6 +410,9 @@ def extract_records(nb: Mapping[str, Any]) -> tuple[dict[str, Record], list[str]
             match = _TEXT_RECORD.match(text) if isinstance(text, str) else None
             if match:
                 name = match["name"].strip()
+                if _too_deep(match["value"]):
+                    problems.append(_too_deep_problem(index, name))
+                    continue
                 records[name] = Record(name, _parse_text_value(match["value"]), None, index)
     return records, problems
 
@@ -308,6 +424,17 @@ def extract_records(nb: Mapping[str, Any]) -> tuple[dict[str, Record], list[str]
 
 class CheckFailed(Exception):
     """A check cannot pass; the message says why in words a student understands."""
+
+
+class _NoOutputs(CheckFailed):
+    """A check cannot pass because the notebook holds no saved outputs at all (the question
+    says so once, not each of its checks)."""
+
+
+#: The reason of every question of a notebook saved without outputs, given once per question.
+NO_OUTPUTS = ("no saved outputs: the notebook was saved with its outputs cleared (or never "
+              "run), so no recorded answer or test result can be read; run the lab and save it "
+              "with its outputs")
 
 
 def _fmt(x: Any) -> str:
@@ -346,9 +473,7 @@ class _Context:
         name, *path = ref.split("/")
         if name not in self.records:
             if not self.has_outputs:
-                raise CheckFailed("no saved outputs: the notebook was saved with its outputs "
-                                  f"cleared (or never run), so the recorded {name!r} cannot be "
-                                  "read; run the lab and save it with its outputs")
+                raise _NoOutputs(f"no saved outputs, so no recorded {name!r}")
             raise CheckFailed(f"no labkit.record output named {name!r}: run the cell that "
                               f"records it (labkit.record({name!r}, ...)) and save the notebook")
         value = self.records[name].value
@@ -889,8 +1014,7 @@ def _rule_test_cell(ctx: _Context, p: Mapping[str, Any]) -> tuple[bool, str]:
                        "count; restore it from the lab and re-run it")
     if cell.get("execution_count") is None:
         if not ctx.has_outputs:
-            raise CheckFailed("no saved outputs: the notebook was saved with its outputs cleared "
-                              f"(or never run), so the test cell {gid!r} shows no result")
+            raise _NoOutputs(f"no saved outputs, so no result of the test cell {gid!r}")
         return False, f"the test cell {gid!r} was not run (it has no execution count)"
     for out in cell.get("outputs") or []:
         if out.get("output_type") == "error":
@@ -1215,12 +1339,15 @@ def load_key(path: str | Path, release: Release | None = None) -> Key:
         ValueError: naming the offending entry, for anything malformed.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"answer key {str(path)!r} not found; pass --key KEY.yml or "
                                 "put the lab's key at labs/keys/<lab>.yml")
+    data, error = _read_regular(path, DEFAULT_MAX_BYTES)
+    if data is None:
+        raise ValueError(f"answer key {str(path)!r}: {error}")
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
+        spec = yaml.safe_load(data.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"answer key {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(spec, Mapping):
         raise _key_error(path, "top level", "expected a mapping with 'lab' and 'questions'")
@@ -1309,44 +1436,113 @@ def _check_key_against(key: Key, release: Release) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_notebook(path: str | Path, max_bytes: int | None = DEFAULT_MAX_BYTES
-                  ) -> tuple[Any | None, str | None]:
-    """Read ``path`` as an nbformat 4 notebook without executing anything.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"' + r"|'[^'\\]*(?:\\.[^'\\]*)*'", re.S)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}()")
+_DEPTH_STEP = [1 if b in b"[{(" else -1 if b in b"]})" else 0 for b in range(256)]
 
-    Returns ``(notebook, None)``, or ``(None, reason)`` when the file cannot be graded: too large,
-    unreadable, not UTF-8, not JSON, JSON but not a notebook, an older nbformat, or not valid
-    against the nbformat 4 schema.
+
+def _too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON (or a Python literal) ``text`` nests brackets more than ``limit`` deep.
+
+    Found without parsing and without recursion, at C speed (a few seconds for 20 MiB of
+    brackets): quoted strings are dropped first (brackets in them do not count), then the
+    running depth of the brackets left is followed to its maximum.
     """
-    path = Path(path)
+    if '"' in text or "'" in text:
+        text = _JSON_STRING.sub("", text)
+    skeleton = text.encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKET)
+    if len(skeleton) <= limit:
+        return False
+    if re.search(rb"[\[{(]{%d}" % (limit + 1), skeleton):
+        return True
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, skeleton))) > limit
+
+
+def _file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is (a named pipe is never opened for reading)."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _not_regular(kind: str) -> str:
+    if kind == "a folder":
+        return "cannot read: it is a folder, not a notebook file"
+    return f"cannot read: it is {kind}, not a regular file; only regular notebook files are read"
+
+
+def _read_regular(path: Path, max_bytes: int | None) -> tuple[bytes | None, str | None]:
+    """The bytes of the regular file ``path``, or why it is not read.
+
+    Only a regular file is opened: a named pipe, a socket or a device gets a reason at once and
+    never blocks, and the file opened is checked again (it may have been swapped since the
+    first look). At most ``max_bytes + 1`` bytes are read.
+    """
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         if path.is_symlink():
             return None, "cannot read: a broken symbolic link (its target does not exist)"
         return None, "cannot read: no such file"
-    except OSError as e:
-        return None, f"cannot read: {e.strerror or e}"
-    if path.is_dir():
-        return None, "cannot read: it is a folder, not a notebook file"
-    if max_bytes is not None and size > max_bytes:
-        return None, (f"file is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:g} MiB "
+    except (OSError, RuntimeError) as e:  # ELOOP (a loop of links), EACCES, ENAMETOOLONG, ...
+        return None, f"cannot read: {getattr(e, 'strerror', None) or e}"
+    kind = _file_kind(st.st_mode)
+    if kind is not None:
+        return None, _not_regular(kind)
+    if max_bytes is not None and st.st_size > max_bytes:
+        return None, (f"file is {st.st_size / 2**20:.1f} MiB, over the {max_bytes / 2**20:g} MiB "
                       "limit (--max-size); clear large outputs (images) and resubmit, or raise "
                       "the limit")
     try:
-        with path.open("rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        return None, f"cannot read: {e.strerror or e}"
+    try:
+        with os.fdopen(fd, "rb") as f:
+            kind = _file_kind(os.fstat(f.fileno()).st_mode)
+            if kind is not None:
+                return None, _not_regular(kind)
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except OSError as e:
         return None, f"cannot read: {e.strerror or e}"
     if max_bytes is not None and len(data) > max_bytes:
         return None, f"file is over the {max_bytes / 2**20:g} MiB limit (--max-size)"
+    return data, None
+
+
+def read_notebook(path: str | Path, max_bytes: int | None = DEFAULT_MAX_BYTES
+                  ) -> tuple[Any | None, str | None]:
+    """Read ``path`` as an nbformat 4 notebook without executing anything.
+
+    Returns ``(notebook, None)``, or ``(None, reason)`` when the file cannot be graded: not a
+    regular file (a folder, a named pipe, a device), too large, unreadable, not UTF-8, nested
+    more than :data:`MAX_DEPTH` deep, not JSON, JSON but not a notebook, an older nbformat, or
+    not valid against the nbformat 4 schema. Size and depth are checked before the JSON is
+    parsed, and any failure of the parsers themselves is a reason too: this never raises for a
+    file's content.
+    """
+    path = Path(path)
+    data, error = _read_regular(path, max_bytes)
+    if data is None:
+        return None, error
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         return None, f"not a notebook: not UTF-8 text (byte {e.start})"
+    if _too_deep(text):
+        return None, (f"not a notebook: its JSON nests lists and objects more than {MAX_DEPTH} "
+                      "levels deep (a lab notebook needs about 12), so it was not parsed")
     try:
         raw = json.loads(text)
     except ValueError as e:
-        return None, f"not a notebook: not valid JSON ({e})"
+        return None, f"not a notebook: not valid JSON ({str(e)[:200]})"
+    except (RecursionError, MemoryError) as e:
+        return None, f"not a notebook: the JSON could not be parsed ({type(e).__name__})"
     if not isinstance(raw, dict) or "nbformat" not in raw or (
             "cells" not in raw and "worksheets" not in raw):
         return None, ("not a notebook: valid JSON, but without the 'nbformat' and 'cells' "
@@ -1356,7 +1552,7 @@ def read_notebook(path: str | Path, max_bytes: int | None = DEFAULT_MAX_BYTES
         if isinstance(major, int) and major < 4:
             return None, (f"an nbformat {major} notebook (IPython 3 or older); the labs are "
                           "nbformat 4: open the lab in a current Jupyter, redo it and resubmit")
-        return None, f"not a notebook this grader reads: nbformat {major!r} (expected 4)"
+        return None, f"not a notebook this grader reads: nbformat {_fmt(major)} (expected 4)"
     if not isinstance(raw.get("cells"), list):
         return None, "not a notebook: 'cells' is not a list"
     try:
@@ -1367,25 +1563,96 @@ def read_notebook(path: str | Path, max_bytes: int | None = DEFAULT_MAX_BYTES
     except (nbformat.ValidationError, AttributeError, TypeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None, f"not a valid nbformat 4 notebook: {first[:200]}"
+    except (RecursionError, MemoryError) as e:
+        return None, ("not a valid nbformat 4 notebook: it could not be checked "
+                      f"({type(e).__name__})")
     return nb, None
 
 
 @dataclass(frozen=True)
 class Submission:
-    """One student's submission: the id, the notebook path, or why none was found."""
+    """One student's submission: the id, the notebook path, or why none was found, and notes
+    about how it was found (a link inside the submissions folder)."""
 
     student: str
     path: Path
     error: str | None = None
+    flags: tuple[str, ...] = ()
 
 
-def _hidden(p: Path) -> bool:
-    return p.name.startswith(".") or p.name == "__pycache__"
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__pycache__"
 
 
-def _notebooks_under(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.rglob("*.ipynb"))
-            if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+@dataclass(frozen=True)
+class _Root:
+    """A submissions folder as given (``path``) and as it really is (``real``): nothing found
+    under it is followed out of ``real`` through a symbolic link."""
+
+    path: Path
+    real: Path
+
+    @classmethod
+    def of(cls, folder: Path) -> _Root:
+        try:
+            return cls(folder, folder.resolve(strict=True))
+        except (OSError, RuntimeError):
+            return cls(folder, Path(os.path.abspath(folder)))
+
+    def check(self, path: Path, what: str) -> tuple[str | None, tuple[str, ...]]:
+        """``(error, flags)`` for ``path`` (``self.path / ...``), the student's ``what``: an
+        error when a symbolic link on the way leads out of the root (it is not followed) or
+        loops; a flag when a link leads elsewhere inside the root."""
+        try:
+            real = path.resolve(strict=True)
+        except FileNotFoundError:
+            return None, ()  # missing, or a broken link: reading it says which
+        except (OSError, RuntimeError):
+            return f"cannot read: {what} is a loop of symbolic links", ()
+        if real == self.real / path.relative_to(self.path):
+            return None, ()
+        if not real.is_relative_to(self.real):
+            return (f"not graded: {what} is a symbolic link to {real.as_posix()}, outside the "
+                    f"submissions folder {self.real.as_posix()}; links out of it are not "
+                    "followed (to grade the target, pass it itself)"), ()
+        inside = real.relative_to(self.real).as_posix() or "."
+        return None, (f"{what} is a symbolic link to {inside} in the submissions folder: check "
+                      "that it is this student's own work",)
+
+
+def _notebooks_under(folder: Path) -> tuple[list[Path], list[str]]:
+    """The notebooks under a student's ``folder`` (hidden names skipped), and the linked folders
+    not searched because they lead out of it (into another student's folder, say). Linked
+    folders inside it are searched once each; nothing recurses, so no nesting or loop of links
+    can stop this."""
+    mine = _Root.of(folder)
+    found: list[Path] = []
+    skipped: list[str] = []
+    seen: set[Path] = set()
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        real = current.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        with os.scandir(current) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            child = current / entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(child)
+            elif entry.is_symlink() and child.is_dir():
+                if mine.check(child, "a folder")[0] is None:
+                    stack.append(child)
+                else:
+                    skipped.append(f"{child.relative_to(folder).as_posix()} -> "
+                                   f"{os.readlink(child)}")
+            elif entry.name.endswith(".ipynb"):
+                found.append(child)
+    return sorted(found), skipped
 
 
 def _student_id(path: Path, student_from: str, default: str, folder_name: str) -> str | None:
@@ -1417,6 +1684,11 @@ def _check_student_from(student_from: str) -> None:
                      f"{student_from!r}")
 
 
+#: What :func:`find_submissions` finds per student: the notebook (or folder), the default id,
+#: the folder id, an error, flags.
+_Found = tuple[Path, str, str, str | None, tuple[str, ...]]
+
+
 def find_submissions(paths: Iterable[str | Path], lab: str, student_from: str = "auto"
                      ) -> list[Submission]:
     """Expand SUBMISSIONS into one :class:`Submission` per student.
@@ -1426,57 +1698,73 @@ def find_submissions(paths: Iterable[str | Path], lab: str, student_from: str = 
     student's (id: the subfolder's name; nbgrader's ``submitted/<student>/<assignment>/`` layout)
     holding one notebook, or several of which one is named ``<lab>.ipynb``.
 
+    Symbolic links are not followed out of the submissions folder (the folder given, or for a
+    notebook given, the folder holding it): such a notebook or student folder gets an error
+    naming the link's target, and a link that stays inside is followed and flagged. Only
+    regular files are read later (:func:`read_notebook`).
+
     ``student_from``: ``auto`` (as above), ``file`` (always the notebook's file name), ``folder``
     (the student subfolder's name, or for a notebook given directly or lying directly in a class
     folder, the folder that holds it), or ``regex:PATTERN`` (searched in the notebook's path;
     the group named ``student``, else group 1, else the whole match).
     """
     _check_student_from(student_from)
-    items: list[tuple[Path, str, str, str | None]] = []  # path, default id, folder id, error
+    items: list[_Found] = []
 
     for given in map(Path, paths):
         if given.is_dir() and given.suffix != ".ipynb":
+            root = _Root.of(given)
             try:
-                children = sorted(c for c in given.iterdir() if not _hidden(c))
+                children = sorted(c for c in given.iterdir() if not _hidden(c.name))
             except OSError as e:
                 items.append((given, given.name, given.name,
-                              f"cannot read folder: {e.strerror or e}"))
+                              f"cannot read folder: {e.strerror or e}", ()))
                 continue
             for child in children:
-                if child.suffix == ".ipynb":  # a folder or broken link is reported when read
-                    items.append((child, child.stem, given.name, None))
+                if child.suffix == ".ipynb":  # a folder, pipe or broken link is reported when read
+                    error, flags = root.check(child, "the notebook")
+                    items.append((child, child.stem, given.name, error, flags))
                 elif child.is_dir():
-                    items.append(_from_student_folder(child, lab))
+                    items.append(_from_student_folder(child, lab, root))
         else:
-            items.append((given, given.stem, given.absolute().parent.name, None))
+            error, flags = _Root.of(given.parent).check(given, "the notebook")
+            items.append((given, given.stem, given.absolute().parent.name, error, flags))
 
     found = []
-    for path, default, folder, error in items:
+    for path, default, folder, error, flags in items:
         student = _student_id(path, student_from, default, folder)
         if student is None:
             student = path.stem
             error = error or (f"--student-from {student_from}: the pattern does not match the "
                               f"path {path.as_posix()!r}")
-        found.append(Submission(student=student, path=path, error=error))
+        found.append(Submission(student=student, path=path, error=error, flags=flags))
     return found
 
 
-def _from_student_folder(folder: Path, lab: str) -> tuple[Path, str, str, str | None]:
+def _from_student_folder(folder: Path, lab: str, root: _Root) -> _Found:
+    error, flags = root.check(folder, "the student's folder")
+    if error is not None:
+        return folder, folder.name, folder.name, error.replace("not graded", "not searched"), ()
     try:
-        notebooks = _notebooks_under(folder)
+        notebooks, skipped = _notebooks_under(folder)
     except OSError as e:
-        return folder, folder.name, folder.name, f"cannot read folder: {e.strerror or e}"
+        return folder, folder.name, folder.name, f"cannot read folder: {e.strerror or e}", flags
     if not notebooks:
-        return folder, folder.name, folder.name, "no notebook (.ipynb) in the student's folder"
+        why = "no notebook (.ipynb) in the student's folder"
+        if skipped:
+            why += (f" (links out of the student's folder are not followed: "
+                    f"{', '.join(skipped[:3])})")
+        return folder, folder.name, folder.name, why, flags
     if len(notebooks) > 1:
         named = [p for p in notebooks if p.stem == lab]
         if len(named) != 1:
             names = ", ".join(p.relative_to(folder).as_posix() for p in notebooks[:5])
             return folder, folder.name, folder.name, (
                 f"several notebooks in the student's folder ({names}) and "
-                f"{'none' if not named else 'more than one'} named {lab}.ipynb")
+                f"{'none' if not named else 'more than one'} named {lab}.ipynb"), flags
         notebooks = named
-    return notebooks[0], folder.name, folder.name, None
+    error, more = root.check(notebooks[0], "the notebook")
+    return notebooks[0], folder.name, folder.name, error, flags or more
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1497,14 +1785,21 @@ class QuestionResult:
     question: Question
     points: float
     checks: tuple[CheckResult, ...]
+    #: why the question could not be graded at all (every check lost)
     problem: str | None = None
+    #: one reason that explains every lost check ("no saved outputs", "not answered")
+    summary: str | None = None
 
     @property
     def reasons(self) -> list[str]:
-        """Why points were lost, without repeats."""
+        """Why points were lost, without repeats: the problem, else the summary (once, however
+        many checks it cost), else each lost check's message."""
         if self.problem:
             return [self.problem]
-        return list(dict.fromkeys(r.message for r in self.checks if not r.passed))
+        lost = [r.message for r in self.checks if not r.passed]
+        if self.summary and lost:
+            return [self.summary]
+        return list(dict.fromkeys(lost))
 
 
 @dataclass
@@ -1642,8 +1937,32 @@ def grade_notebook(nb: Any, release: Release, key: Key) -> tuple[list[QuestionRe
             except CheckFailed as e:
                 passed, message = False, str(e)
             checks.append(CheckResult(check, passed, check.points if passed else 0.0, message))
-        results.append(QuestionResult(q, sum(c.points for c in checks), tuple(checks)))
+        summary = NO_OUTPUTS if not has_outputs else _not_answered(nb, release, q, cells)
+        results.append(QuestionResult(q, sum(c.points for c in checks), tuple(checks),
+                                      summary=summary))
     return results, flags, None
+
+
+def _not_answered(nb: Any, release: Release, q: Question,
+                  cells: dict[str, list[int]]) -> str | None:
+    """The reason "not answered: ..." when a cell of question ``q`` raised NotImplementedError
+    (the stub nbgrader's release puts in place of a solution) or still holds that stub without
+    having run; else None."""
+    for gid in q.cells:
+        for index in cells.get(gid, []):
+            cell = nb.cells[index]
+            for out in cell.get("outputs") or []:
+                if out.get("output_type") == "error" and out.get("ename") == "NotImplementedError":
+                    return (f"not answered: the cell {gid!r} raised NotImplementedError (the "
+                            "lab's placeholder): write your answer in place of "
+                            "'raise NotImplementedError()', run it and save the notebook")
+            released = release.cell(gid)
+            if (released is not None and released.solution and cell.get("cell_type") == "code"
+                    and cell.get("execution_count") is None
+                    and "raise NotImplementedError" in str(cell.get("source", ""))):
+                return (f"not answered: the answer cell {gid!r} still holds the lab's "
+                        "placeholder 'raise NotImplementedError()' and was not run")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1652,13 +1971,15 @@ def grade_notebook(nb: Any, release: Release, key: Key) -> tuple[list[QuestionRe
 
 
 def execute_notebook(nb: Any, release: Release, *, timeout: float = DEFAULT_TIMEOUT,
-                     kernel_name: str | None = None, cwd: str | Path | None = None
-                     ) -> tuple[Any, list[str]]:
+                     kernel_name: str | None = None, cwd: str | Path | None = None,
+                     source: Release | None = None) -> tuple[Any, list[str]]:
     """Run a copy of ``nb`` top to bottom in a fresh kernel (nbclient) and return it with flags.
 
-    THIS RUNS THE STUDENT'S CODE with the caller's permissions. Locked cells are first restored
-    from the released lab (as nbgrader's autograde does), every output is cleared, errors do not
-    stop the run (they are kept as outputs), and a cell that runs longer than ``timeout`` seconds
+    THIS RUNS THE STUDENT'S CODE with the caller's permissions. Every locked cell is first
+    replaced by its text in ``source`` (default ``release``), as nbgrader's autograde does: a
+    source version brings back the hidden tests that nbgrader's release stripped, and a student's
+    edit of a locked cell is undone (and flagged). Every output is cleared, errors do not stop
+    the run (they are kept as outputs), and a cell that runs longer than ``timeout`` seconds
     stops the run there.
     """
     import nbclient
@@ -1666,18 +1987,19 @@ def execute_notebook(nb: Any, release: Release, *, timeout: float = DEFAULT_TIME
 
     if not (_is_number(timeout) and timeout > 0):
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    source = release if source is None else source
     nb = copy.deepcopy(nb)
     flags = []
-    cells = _graded_cells(nb)
-    released_source = _released_sources(release)
     restored = []
-    for gid, where in cells.items():
-        cell = release.cell(gid)
-        if cell is None or not cell.locked or len(where) != 1:
-            continue
-        if _normalized_source(nb.cells[where[0]].source) != cell.source:
-            nb.cells[where[0]].source = released_source[gid]
+    for gid, where in _graded_cells(nb).items():
+        cell, theirs = release.cell(gid), source.cell(gid)
+        if (cell is None or theirs is None or not cell.locked or theirs.solution
+                or len(where) != 1):
+            continue  # never a solution from the source into a student's notebook
+        mine = nb.cells[where[0]]
+        if _normalized_source(mine.source) != cell.source:
             restored.append(gid)
+        mine.source = theirs.text
     if restored:
         flags.append(f"--execute: locked cells restored from the lab before running: "
                      f"{', '.join(restored)}")
@@ -1702,19 +2024,27 @@ def execute_notebook(nb: Any, release: Release, *, timeout: float = DEFAULT_TIME
     return nb, flags
 
 
-def _released_sources(release: Release) -> dict[str, str]:
-    nb, _ = read_notebook(release.path, max_bytes=None)
-    out = {}
-    for cell in nb.cells if nb is not None else []:
-        meta = _nbgrader_meta(cell)
-        if meta is not None:
-            out[meta["grade_id"]] = cell.source
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # A batch, the gradebook, feedback
 # ---------------------------------------------------------------------------------------------
+
+
+def find_key(lab: str | Path, release: Release | None = None) -> Path:
+    """The answer key of the lab notebook ``lab``: the first of :func:`key_candidates` that
+    exists.
+
+    Raises:
+        FileNotFoundError: naming the places looked at and the --key to pass.
+    """
+    name = release.lab if release is not None else None
+    candidates = key_candidates(lab, name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    name = name or Path(lab).stem
+    raise FileNotFoundError(
+        f"no answer key for {name}: looked for {', '.join(c.as_posix() for c in candidates)}; "
+        f"pass --key KEY.yml (the labkit repository ships it as labs/keys/{name}.yml)")
 
 
 def grade_submissions(
@@ -1728,35 +2058,43 @@ def grade_submissions(
     timeout: float = DEFAULT_TIMEOUT,
     kernel_name: str | None = None,
     save_executed: str | Path | None = None,
+    source: str | Path | None = None,
 ) -> list[GradeResult]:
-    """Grade every submission under ``paths`` against the released ``lab`` and its key.
+    """Grade every submission under ``paths`` against the ``lab`` (the version the students
+    received, or its source) and its key.
 
     Every submission gets a row, whatever is wrong with it; the batch always completes. Rows are
-    sorted by student id, then path. ``key`` defaults to :func:`default_key_path` of ``lab``.
+    sorted by student id, then path. ``key`` defaults to :func:`find_key` of ``lab``.
     With ``execute=True`` (off by default), each notebook is first re-run with
-    :func:`execute_notebook`, which runs the student's code; ``save_executed`` is a folder that
-    receives the executed copies as ``<student>.ipynb``.
+    :func:`execute_notebook`, which runs the student's code, with the locked cells (and hidden
+    tests) of ``source`` (default: :func:`load_source`'s choice); ``save_executed`` is a folder
+    that receives the executed copies as ``<student>.ipynb``.
 
     Raises:
-        FileNotFoundError: if the lab or the key is missing.
-        ValueError: if the lab, the key or ``student_from`` is malformed.
+        FileNotFoundError: if the lab, the key or the source is missing.
+        ValueError: if the lab, the key, the source or ``student_from`` is malformed.
     """
     release = load_release(lab)
     if not isinstance(key, Key):
-        key = load_key(default_key_path(lab) if key is None else key, release)
+        key = load_key(find_key(lab, release) if key is None else key, release)
     else:
         _check_key_against(key, release)
     if max_bytes is not None and not (isinstance(max_bytes, int) and max_bytes > 0):
         raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
+    locked = load_source(source, release) if execute else release
     subs = sorted(find_submissions(paths, release.lab, student_from),
                   key=lambda s: (s.student, s.path.as_posix()))
     results: list[GradeResult] = []
     seen: dict[str, Path] = {}
     for sub in subs:
-        result = _grade_one(sub, release, key, max_bytes, execute, timeout, kernel_name,
-                            save_executed)
+        try:
+            result = _grade_one(sub, release, key, max_bytes, execute, timeout, kernel_name,
+                                save_executed, locked)
+        except Exception as e:  # noqa: BLE001 - one odd submission must not stop the batch
+            error = f"could not be graded: {type(e).__name__}: {str(e)[:200]}"
+            result = GradeResult(sub.student, sub.path, key, _zero(key, error), error=error)
         if sub.student in seen:
-            result.flags.append(f"student id {sub.student!r} also used by "
+            result.flags.append(f"student id {_fmt(sub.student)} also used by "
                                 f"{seen[sub.student].as_posix()}")
         seen.setdefault(sub.student, sub.path)
         results.append(result)
@@ -1769,24 +2107,26 @@ def _zero(key: Key, reason: str) -> list[QuestionResult]:
 
 def _grade_one(sub: Submission, release: Release, key: Key, max_bytes: int | None,
                execute: bool, timeout: float, kernel_name: str | None,
-               save_executed: str | Path | None) -> GradeResult:
+               save_executed: str | Path | None, source: Release) -> GradeResult:
+    flags = list(sub.flags)
     if sub.error:
-        return GradeResult(sub.student, sub.path, key, _zero(key, sub.error), error=sub.error)
-    nb, error = read_notebook(sub.path, max_bytes)
-    if nb is None:
-        return GradeResult(sub.student, sub.path, key, _zero(key, error), error=error)
-    flags = []
+        return GradeResult(sub.student, sub.path, key, _zero(key, sub.error), flags,
+                           error=sub.error)
     try:
+        nb, error = read_notebook(sub.path, max_bytes)
+        if nb is None:
+            return GradeResult(sub.student, sub.path, key, _zero(key, error), flags, error=error)
         if execute:
-            nb, flags = execute_notebook(nb, release, timeout=timeout, kernel_name=kernel_name,
-                                         cwd=sub.path.parent)
+            nb, ran = execute_notebook(nb, release, timeout=timeout, kernel_name=kernel_name,
+                                       cwd=sub.path.parent, source=source)
+            flags += ran
             if save_executed is not None:
                 out = Path(save_executed)
                 out.mkdir(parents=True, exist_ok=True)
                 nbformat.write(nb, out / f"{_safe_name(sub.student)}.ipynb")
         questions, more, error = grade_notebook(nb, release, key)
     except Exception as e:  # noqa: BLE001 - one odd notebook must not stop the batch
-        error = f"could not be graded: {type(e).__name__}: {e}"
+        error = f"could not be graded: {type(e).__name__}: {str(e)[:200]}"
         return GradeResult(sub.student, sub.path, key, _zero(key, error), flags, error=error)
     return GradeResult(sub.student, sub.path, key, questions, flags + more, error=error)
 
@@ -1795,17 +2135,34 @@ def _pts(x: float) -> str:
     return format(round(x, 6), "g")
 
 
+#: First characters that make a spreadsheet read a CSV cell as a formula (OWASP, "CSV
+#: Injection"): = + - @, tab, carriage return; line feed and NUL for good measure.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "\0")
+
+
+def _csv_cell(value: str) -> str:
+    """A CSV cell a spreadsheet shows as text: one that starts (after spaces) like a formula
+    gets a leading single quote, as OWASP recommends (``=HYPERLINK(...)`` -> ``'=HYPERLINK(...)``);
+    the writer also quotes every cell, so no delimiter inside one starts another."""
+    return "'" + value if value.lstrip(" ").startswith(_FORMULA_START) else value
+
+
 def write_gradebook(results: Sequence[GradeResult], key: Key, path: str | Path) -> Path:
     """Write the CSV gradebook: student, submission, status, one column of points per question
     (headed by its grade_id), total, max, flags (notebook-level notes) and reasons (why points
-    were lost, per question)."""
+    were lost, per question).
+
+    Every cell is quoted, and a text cell that starts like a spreadsheet formula (=, +, -, @,
+    tab, CR: a student id or file name such as ``=HYPERLINK(...)``) starts with a single quote
+    instead, so a spreadsheet shows it as text and runs nothing.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     gids = [q.grade_id for q in key.questions]
     with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["student", "submission", "status", *gids, "total", "max", "flags",
-                    "reasons"])
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        w.writerow([_csv_cell(c) for c in ["student", "submission", "status", *gids, "total",
+                                           "max", "flags", "reasons"]])
         for r in results:
             by_id = {q.question.grade_id: q for q in r.questions}
             reasons = []
@@ -1817,9 +2174,9 @@ def write_gradebook(results: Sequence[GradeResult], key: Key, path: str | Path) 
                     if lost > 0:
                         reasons.append(f"{q.question.grade_id} (-{_pts(lost)}): "
                                        + "; ".join(q.reasons))
-            w.writerow([r.student, r.path.as_posix(), r.status,
-                        *(_pts(by_id[g].points) for g in gids), _pts(r.total),
-                        _pts(key.max_points), " | ".join(r.flags), " | ".join(reasons)])
+            w.writerow([_csv_cell(c) for c in [
+                r.student, r.path.as_posix(), r.status, *(_pts(by_id[g].points) for g in gids),
+                _pts(r.total), _pts(key.max_points), " | ".join(r.flags), " | ".join(reasons)]])
     return path
 
 
@@ -1828,26 +2185,51 @@ def _safe_name(student: str) -> str:
     return name or "student"
 
 
+#: Characters that start Markdown or HTML syntax inside a line: a backslash, code, emphasis,
+#: a link or image (``[``), HTML or an autolink (``<``), strikethrough; ``_`` only where it can
+#: start or end emphasis (inside a word, as in ``c2_bound``, it cannot). Nothing a student
+#: writes starts a line of the page, so line-start syntax (#, >, -) needs no escape.
+_MD_SPECIAL = re.compile(r"([\\`*\[<~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def _md(text: Any) -> str:
+    """``text`` as one line of literal Markdown text: line breaks and control characters become
+    spaces, and Markdown and HTML syntax is escaped, so that what a student put in a file name,
+    a recorded value or an error message cannot add headings, links, images or HTML to the
+    feedback page."""
+    return _MD_SPECIAL.sub(r"\\\1", _CONTROL.sub(" ", str(text)))
+
+
 def feedback_markdown(result: GradeResult) -> str:
-    """A short Markdown page for one student: points per question and what earned or lost them."""
+    """A short Markdown page for one student: points per question and what earned or lost them.
+
+    Every text that comes from the grading (ids, file names, messages, the key's labels and
+    hints) is escaped as literal text (:func:`_md`)."""
     key = result.key
-    lines = [f"# {key.lab}: feedback for {result.student}", "",
+    lines = [f"# {_md(key.lab)}: feedback for {_md(result.student)}", "",
              f"**Total: {_pts(result.total)} / {_pts(key.max_points)} points**", ""]
     if result.error:
-        lines += ["This submission could not be graded:", "", f"> {result.error}", ""]
+        lines += ["This submission could not be graded:", "", f"> {_md(result.error)}", ""]
     for q in result.questions:
-        lines.append(f"## {q.question.title} ({_pts(q.points)} / {_pts(q.question.points)})")
+        lines.append(f"## {_md(q.question.title)} ({_pts(q.points)} / "
+                     f"{_pts(q.question.points)})")
         lines.append("")
         if q.problem and not result.error:
-            lines.append(f"- lost: {q.problem}")
+            lines.append(f"- lost: {_md(q.problem)}")
+        lost = [c for c in q.checks if not c.passed]
+        if q.summary and lost:
+            lines.append(f"- {_md(q.summary)}")
         for c in q.checks:
-            line = f"- {'earned' if c.passed else 'lost'} {_pts(c.check.points)}: {c.message}."
-            if not c.passed and c.check.hint:
-                line += f" Hint: {c.check.hint}"
+            # Under a summary, a lost check names what it checks; the summary said why.
+            text = c.check.label if q.summary and not c.passed else c.message
+            line = f"- {'earned' if c.passed else 'lost'} {_pts(c.check.points)}: {_md(text)}."
+            if not c.passed and c.check.hint and not q.summary:
+                line += f" Hint: {_md(c.check.hint)}"
             lines.append(line)
         lines.append("")
     if result.flags:
-        lines += ["## Notes", ""] + [f"- {f}" for f in result.flags] + [""]
+        lines += ["## Notes", ""] + [f"- {_md(f)}" for f in result.flags] + [""]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import copy
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -266,7 +267,7 @@ def test_gradebook_and_feedback_exact(lab, tmp_path, capsys):
     assert "## Critical batch size (1 / 3)" in fb
     assert "- earned 1: the test cell 'labx-q1-test' ran without error." in fb
     assert "- lost 1: critical_batch_size = 32" in fb
-    assert "Hint: b* is the batch size with the smallest SFO" in fb
+    assert "Hint: b\\* is the batch size with the smallest SFO" in fb  # Markdown-escaped
     assert "could not be graded" in (tmp_path / "fb" / "dave.md").read_text()
     assert sorted(p.name for p in (tmp_path / "fb").iterdir()) == [
         "alice.md", "bob.md", "carol.md", "dave.md"]
@@ -781,14 +782,14 @@ def test_every_bad_input_gets_a_row_with_its_reason(lab, tmp_path, monkeypatch):
     (subs / "folder.ipynb").mkdir()
     (subs / "broken.ipynb").symlink_to(subs / "nowhere.ipynb")
     write(executed(base, GOOD), subs / "locked.ipynb")
-    real_open = Path.open
+    real_open = os.open
 
-    def fake_open(self, *args, **kwargs):
-        if self.name == "locked.ipynb":
+    def fake_open(path, *args, **kwargs):
+        if os.fspath(path).endswith("locked.ipynb"):
             raise PermissionError(13, "Permission denied")
-        return real_open(self, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
     out = tmp_path / "gb.csv"
     assert main(["grade", str(subs), "--lab", str(lab), "--out", str(out),
                  "--max-size", "2"]) == 0
@@ -1115,6 +1116,519 @@ def test_execute_timeout_is_a_flag(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Hostile submissions (issue 15): nesting, files that are not files, formulas, links
+# ---------------------------------------------------------------------------------------------
+
+
+def grade_cli(lab: Path, tmp_path: Path, *submissions: Any, extra: tuple[str, ...] = (),
+              timeout: float = 300) -> tuple[dict[str, dict[str, str]], str]:
+    """`labkit grade` in a child process (a hang fails the test instead of stopping it):
+    gradebook rows by student, and what it printed."""
+    out = tmp_path / "gb.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "labkit", "grade", *map(str, submissions), "--lab", str(lab),
+         "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return {r["student"]: r for r in read_gradebook(out)}, proc.stdout
+
+
+def nested(depth: int, kind: str = "list") -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"a": value}
+    return value
+
+
+def test_json_nesting_is_bounded_before_parsing(lab, tmp_path):
+    """Class: input nested past what a parser, nbformat or a rule can recurse through. Each
+    case gets its row; a deep record is ignored (and flagged) and the rest still grades."""
+    base = make_lab()
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    (subs / "brackets.ipynb").write_text("[" * 100_000)
+    (subs / "objects.ipynb").write_text('{"a":' * 100_000)
+    (subs / "closers.ipynb").write_text("]" * 100_000)
+    deep_meta = json.loads(nbformat.writes(executed(base, GOOD)))  # plain JSON: nbformat
+    deep_meta["cells"][2]["metadata"]["deep"] = nested(900, "dict")  # would recurse on it
+    (subs / "meta900.ipynb").write_text(json.dumps(deep_meta))
+    at_limit = json.loads(nbformat.writes(executed(base, GOOD)))
+    at_limit["cells"][2]["metadata"]["deep"] = nested(60)  # 4 (root, cells, cell, metadata)
+    (subs / "atlimit.ipynb").write_text(json.dumps(at_limit))  # + 60 = 64, the limit
+    over = json.loads(nbformat.writes(executed(base, GOOD)))
+    over["cells"][2]["metadata"]["deep"] = nested(61)
+    (subs / "overlimit.ipynb").write_text(json.dumps(over))
+    text_record = executed(base, GOOD)                     # a text/plain record, 50,000 deep
+    text_record.cells[2].outputs.append(new_output("display_data", data={
+        "text/plain": "labkit.record: junk = " + "[" * 50_000 + "]" * 50_000}))
+    write(text_record, subs / "textrecord.ipynb")
+    tuple_record = executed(base, GOOD)                    # as a Python literal, 50,000 deep
+    tuple_record.cells[2].outputs.append(new_output("display_data", data={
+        "text/plain": "labkit.record: junk = " + "(" * 50_000 + ")" * 50_000}))
+    write(tuple_record, subs / "tuplerecord.ipynb")
+    json_record = executed(base, GOOD)                     # the JSON payload as a string
+    json_record.cells[2].outputs.append(new_output("display_data", data={
+        RECORD_MIME: '{"name": "junk", "value": ' + "[" * 50_000 + "]" * 50_000 + "}"}))
+    write(json_record, subs / "jsonrecord.ipynb")
+    needed = executed(base, GOOD)                          # a graded record made too deep
+    for out in needed.cells[2].outputs:
+        if out.data[RECORD_MIME]["name"] == "critical_batch_size":
+            out.data = {"text/plain": "labkit.record: critical_batch_size = "
+                        + "[" * 5_000 + "16" + "]" * 5_000}
+    write(needed, subs / "needed.ipynb")
+    in_strings = executed(base, GOOD)                      # brackets inside strings do not count
+    in_strings.cells[1].outputs.append(new_output("stream", name="stdout", text="[{(" * 100_000))
+    write(in_strings, subs / "instrings.ipynb")
+    (subs / "bigint.ipynb").write_text('{"nbformat": ' + "9" * 100_000 + ', "cells": []}')
+    rows, printed = grade_cli(lab, tmp_path, subs)
+    deep = "nests lists and objects more than 64 levels deep"
+    expect = {
+        "brackets": ("error", "0", deep), "objects": ("error", "0", deep),
+        "meta900": ("error", "0", deep), "overlimit": ("error", "0", deep),
+        "closers": ("error", "0", "not valid JSON"),
+        "bigint": ("error", "0", "not valid JSON (Exceeds the limit"),
+        "atlimit": ("graded", "5", ""), "instrings": ("graded", "5", ""),
+        "textrecord": ("graded", "5", ""), "tuplerecord": ("graded", "5", ""),
+        "jsonrecord": ("graded", "5", ""),
+        "needed": ("graded", "3", "no labkit.record output named 'critical_batch_size'"),
+    }
+    assert set(rows) == set(expect)
+    for student, (status, total, words) in expect.items():
+        row = rows[student]
+        assert (row["status"], row["total"]) == (status, total), (student, row)
+        assert words in row["reasons"], (student, row["reasons"])
+        assert "could not be graded" not in row["reasons"], row
+    assert "cell 2: the record 'junk' nests more than 64 levels deep and was ignored" \
+        in rows["textrecord"]["flags"]
+    assert "cell 2: the record 'junk' nests more than 64" in rows["tuplerecord"]["flags"]
+    assert "cell 2: a record nests more than 64 levels deep" in rows["jsonrecord"]["flags"]
+    assert "the record 'critical_batch_size' nests more than 64" in rows["needed"]["flags"]
+    assert "12 submission(s), 6 could not be graded" in printed
+
+
+def test_the_batch_survives_any_failure_of_one_submission(lab, tmp_path, monkeypatch):
+    """Reading, executing and grading all run inside the per-submission error handling."""
+    subs = tmp_path / "subs"
+    for name in ("alice", "bob", "carol"):
+        write(executed(make_lab(), GOOD), subs / f"{name}.ipynb")
+    real_read = grading.read_notebook
+
+    def flaky_read(path, *args, **kwargs):
+        if Path(path).stem == "bob":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(grading, "read_notebook", flaky_read)
+    results = grading.grade_submissions([subs], lab)
+    assert [(r.student, r.total, r.status) for r in results] == [
+        ("alice", 5.0, "graded"), ("bob", 0.0, "error"), ("carol", 5.0, "graded")]
+    assert results[1].error == "could not be graded: RecursionError: maximum recursion depth " \
+                               "exceeded"
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda kids: st.lists(kids, max_size=3)
+                     | st.dictionaries(st.text(max_size=6), kids, max_size=3), max_leaves=12)
+_SPOTS = ["root", "cells", "cell", "metadata", "outputs", "output", "data", "record", "value",
+          "text", "nbformat", "source"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(spot=st.sampled_from(_SPOTS), junk=_JSON, depth=st.sampled_from([0, 1, 70, 3000]))
+def test_any_junk_anywhere_gets_exactly_one_row(spot, junk, depth):
+    """Property: whatever JSON replaces whatever part of a correct submission (and however
+    deep), grading returns exactly one row for it and raises nothing."""
+    import tempfile
+
+    for _ in range(depth):
+        junk = [junk]
+    nb = json.loads(nbformat.writes(executed(make_lab(), GOOD)))
+    cell = nb["cells"][2]
+    out = cell["outputs"][0]
+    targets = {"cells": (nb, "cells"), "cell": (nb["cells"], 2), "metadata": (cell, "metadata"),
+               "outputs": (cell, "outputs"), "output": (cell["outputs"], 0),
+               "data": (out, "data"), "record": (out["data"], RECORD_MIME),
+               "value": (out["data"][RECORD_MIME], "value"), "text": (out["data"], "text/plain"),
+               "nbformat": (nb, "nbformat"), "source": (cell, "source")}
+    if spot == "root":
+        nb = junk
+    else:
+        parent, k = targets[spot]
+        parent[k] = junk
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        lab_path = write(make_lab(), tmp / "labs" / "labx.ipynb")
+        (tmp / "labs" / "keys").mkdir()
+        (tmp / "labs" / "keys" / "labx.yml").write_text(yaml.safe_dump(KEY))
+        sub = tmp / "subs" / "alice.ipynb"
+        sub.parent.mkdir()
+        try:
+            sub.write_text(json.dumps(nb))
+        except RecursionError:  # too deep for json.dumps itself: write the brackets directly
+            sub.write_text("[" * depth + "1" + "]" * depth)
+        (row,) = grading.grade_submissions([sub.parent], lab_path)
+        assert row.student == "alice" and 0 <= row.total <= 5
+        assert row.error is None or "could not be graded" not in row.error, row.error
+
+
+def test_only_regular_files_are_read(lab, tmp_path):
+    """Class: paths that are not regular files (named pipes, sockets, devices) get an error row
+    and are never opened for reading, so nothing blocks."""
+    import socket
+
+    subs = tmp_path / "subs"
+    write(executed(make_lab(), GOOD), subs / "good.ipynb")
+    os.mkfifo(subs / "fifo.ipynb")
+    (subs / "bob" / "labx").mkdir(parents=True)
+    os.mkfifo(subs / "bob" / "labx" / "labx.ipynb")        # nbgrader's submitted/ layout
+    (subs / "carol.ipynb").symlink_to("fifo.ipynb")        # a link (inside) to a pipe
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(subs / "sock.ipynb"))
+    single = tmp_path / "single.ipynb"
+    os.mkfifo(single)
+    try:
+        rows, _ = grade_cli(lab, tmp_path, subs, single, "/dev/null", "/dev/zero", timeout=120)
+    finally:
+        sock.close()
+    pipe = "cannot read: it is a named pipe (FIFO), not a regular file"
+    expect = {"good": ("graded", ""), "fifo": ("error", pipe), "bob": ("error", pipe),
+              "carol": ("error", pipe), "single": ("error", pipe),
+              "sock": ("error", "cannot read: it is a socket, not a regular file"),
+              "null": ("error", "cannot read: it is a character device"),
+              "zero": ("error", "cannot read: it is a character device")}
+    assert set(rows) == set(expect)
+    for student, (status, words) in expect.items():
+        assert rows[student]["status"] == status and words in rows[student]["reasons"], \
+            (student, rows[student])
+    assert "symbolic link to fifo.ipynb" in rows["carol"]["flags"]
+
+
+def test_a_pipe_as_lab_or_key_is_an_error_not_a_hang(lab, tmp_path):
+    fifo = tmp_path / "lab.ipynb"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "labkit", "grade", str(tmp_path), "--lab",
+                           str(fifo), "--out", str(tmp_path / "g.csv")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "it is a named pipe (FIFO)" in proc.stderr, proc.stderr
+    key = tmp_path / "key.yml"
+    os.mkfifo(key)
+    proc = subprocess.run([sys.executable, "-m", "labkit", "grade", str(tmp_path), "--lab",
+                           str(lab), "--key", str(key), "--out", str(tmp_path / "g.csv")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"answer key '{key}': cannot read: it is a named pipe" \
+        in proc.stderr, proc.stderr
+
+
+def test_a_file_swapped_for_a_pipe_after_the_check_is_not_read(tmp_path, monkeypatch):
+    """The file opened is checked again: a regular file at the first look that is a named pipe
+    when opened (swapped in between) is refused without blocking."""
+    fifo = tmp_path / "x.ipynb"
+    os.mkfifo(fifo)
+    regular = write(make_lab(), tmp_path / "regular.ipynb").stat()
+    real_stat = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: regular if self == fifo
+                        else real_stat(self, **kw))
+    assert grading.read_notebook(fifo) == (None, "cannot read: it is a named pipe (FIFO), not "
+                                           "a regular file; only regular notebook files are read")
+
+
+HOSTILE_IDS = ["=HYPERLINK(\"evil.example\",\"click\")", "+1+1", "-2+3", "@SUM(A1)",
+               "\tx", "\rx", " =1+1", "a;=1+1", "a,=1+1", "=1+2\";=1+2", "plain"]
+
+
+def test_gradebook_cells_never_start_a_formula(lab, tmp_path):
+    """Class: student ids, file names and reasons that a spreadsheet would run as a formula
+    (OWASP's =, +, -, @, tab, CR, also after spaces). Each is written with a leading single
+    quote, and every cell is quoted."""
+    subs = tmp_path / "subs"
+    good = executed(make_lab(), GOOD)
+    for name in HOSTILE_IDS:
+        write(good, subs / f"{name}.ipynb")
+    write(good, subs / "-x" / "labx.ipynb")                # a student folder
+    write(good, tmp_path / "=direct.ipynb")                 # given directly: the path too
+    rows, _ = grade_cli(lab, tmp_path, "subs", "=direct.ipynb")
+    neutral = {"'" + n if n.lstrip(" ")[0] in "=+-@\t\r" else n for n in HOSTILE_IDS}
+    assert set(rows) == neutral | {"'=direct", "'-x"}
+    assert {r["total"] for r in rows.values()} == {"5"}
+    assert rows["'=direct"]["submission"] == "'=direct.ipynb"
+    raw = (tmp_path / "gb.csv").read_text(encoding="utf-8")
+    assert '\n"plain","subs/plain.ipynb","graded","3","2","5","5","",""\n' in raw, raw
+    assert '\n"\'=1+2"";=1+2","subs/=1+2"";=1+2.ipynb","graded",' in raw, raw
+    # A reason that starts with '-' (an error of --student-from) is text too.
+    rows, _ = grade_cli(lab, tmp_path, "subs/plain.ipynb",
+                        extra=("--student-from", "regex:nomatch"))
+    assert rows["plain"]["reasons"].startswith("'--student-from regex:nomatch: the pattern")
+
+
+def test_feedback_pages_are_literal_text(lab, tmp_path):
+    """The Markdown feedback page shows what a student controls (the file name, recorded
+    values, error messages) as literal text: rendered, it has no heading, link, image, HTML,
+    code or emphasis of the student's making."""
+    from markdown_it import MarkdownIt
+
+    evil = ("<img src=x onerror=alert(1)> [click](http://evil.example) `code` *bold* _it_ "
+            "~~del~~ <http://auto.example> \\\n# Total: 5 / 5\n\n<script>alert(1)</script>")
+    nb = executed(make_lab(), GOOD, test_error={2: evil})
+    nb.cells[2].outputs.append(record_output("critical_batch_size", evil))   # a recorded value
+    name = "<b>x<\\b> ![i](http:x) _y_"
+    (r,) = grading.grade_submissions([write(nb, tmp_path / "subs" / f"{name}.ipynb")], lab)
+    page = grading.feedback_markdown(r)
+    tokens = [t for block in MarkdownIt("commonmark").enable("strikethrough").parse(page)
+              for t in [block, *(block.children or [])]]
+    kinds = [t.type for t in tokens]
+    assert not set(kinds) & {"html_inline", "html_block", "link_open", "image", "code_inline",
+                             "em_open", "s_open", "code_block", "fence"}, kinds
+    assert kinds.count("strong_open") == 1    # **Total: ...**
+    assert kinds.count("heading_open") == 3   # the title and the two questions
+    assert page.startswith(r"# labx: feedback for \<b>x\<\\b> !\[i](http:x) \_y\_")
+    assert r"\<img src=x onerror=alert(1)> \[click](http://evil.example) \`code\`" in page
+
+
+def test_terminal_output_escapes_control_characters(lab, tmp_path):
+    write(executed(make_lab(), GOOD), tmp_path / "subs" / "\x1b[2Jevil\r.ipynb")
+    rows, printed = grade_cli(lab, tmp_path, tmp_path / "subs")
+    assert "\x1b" not in printed and "\r" not in printed
+    assert "\\x1b[2Jevil\\r  5 / 5" in printed
+    assert set(rows) == {"\x1b[2Jevil\r"}
+
+
+def test_links_out_of_the_submissions_folder_are_not_followed(lab, tmp_path):
+    """Class: symbolic links that lead out of the submissions folder (a notebook, a student
+    folder, a folder inside one, relative or absolute, given directly) are not followed: an
+    error row names the target. Links that stay inside are followed and flagged."""
+    good = executed(make_lab(), GOOD)
+    outside = tmp_path / "elsewhere"
+    write(good, outside / "solution.ipynb")
+    write(good, outside / "folder" / "labx.ipynb")
+    subs = tmp_path / "subs"
+    write(good, subs / "alice.ipynb")
+    write(good, subs / "alicedir" / "labx.ipynb")
+    (subs / "mallory.ipynb").symlink_to(outside / "solution.ipynb")        # absolute, out
+    (subs / "bob").symlink_to(outside / "folder")                          # a student folder
+    (subs / "carol" / "labx").mkdir(parents=True)                           # relative, out
+    (subs / "carol" / "labx" / "labx.ipynb").symlink_to("../../../elsewhere/solution.ipynb")
+    (subs / "dave").mkdir()                                                 # a folder inside
+    (subs / "dave" / "labx").symlink_to(outside / "folder")
+    (subs / "erin.ipynb").symlink_to("alice.ipynb")                        # inside: flagged
+    (subs / "frank").symlink_to("alicedir")                                # inside: flagged
+    (subs / "loop.ipynb").symlink_to("loop.ipynb")
+    (subs / "gina").mkdir()                                                 # a loop of folders
+    write(good, subs / "gina" / "labx.ipynb")
+    (subs / "gina" / "again").symlink_to("..")
+    (subs / "hank" / "labx").mkdir(parents=True)                            # chain, in, then out
+    (subs / "hank" / "labx" / "labx.ipynb").symlink_to(subs / "mallory.ipynb")
+    rows, _ = grade_cli(lab, tmp_path, subs)
+    out = f"outside the submissions folder {subs.resolve().as_posix()}"
+    expect = {
+        "alice": ("graded", "5", ""), "alicedir": ("graded", "5", ""),
+        "mallory": ("error", "0", "not graded: the notebook is a symbolic link to "
+                    f"{(outside / 'solution.ipynb').as_posix()}, {out}"),
+        "bob": ("error", "0", "not searched: the student's folder is a symbolic link to "
+                f"{(outside / 'folder').as_posix()}, {out}"),
+        "carol": ("error", "0", "not graded: the notebook is a symbolic link to "
+                  f"{(outside / 'solution.ipynb').as_posix()}"),
+        "dave": ("error", "0", "no notebook (.ipynb) in the student's folder (links out of the "
+                 f"student's folder are not followed: labx -> {outside / 'folder'})"),
+        "erin": ("graded", "5", ""), "frank": ("graded", "5", ""),
+        "loop": ("error", "0", "cannot read: the notebook is a loop of symbolic links"),
+        "gina": ("graded", "5", ""),
+        "hank": ("error", "0", "not graded: the notebook is a symbolic link to "
+                 f"{(outside / 'solution.ipynb').as_posix()}"),
+    }
+    assert set(rows) == set(expect)
+    for student, (status, total, words) in expect.items():
+        row = rows[student]
+        assert (row["status"], row["total"]) == (status, total), (student, row)
+        assert words in row["reasons"], (student, row["reasons"])
+    assert rows["erin"]["flags"] == ("the notebook is a symbolic link to alice.ipynb in the "
+                                     "submissions folder: check that it is this student's own "
+                                     "work")
+    assert rows["frank"]["flags"].startswith("the student's folder is a symbolic link to alicedir")
+    assert rows["alice"]["flags"] == rows["gina"]["flags"] == ""
+    # Given directly, a notebook that links out of its folder is not followed either; a folder
+    # named on the command line is the instructor's choice, even through a link.
+    (tmp_path / "class").symlink_to(subs)
+    rows, _ = grade_cli(lab, tmp_path, subs / "mallory.ipynb", subs / "erin.ipynb")
+    assert rows["mallory"]["status"] == "error" and out in rows["mallory"]["reasons"]
+    assert rows["erin"]["total"] == "5"
+    rows, _ = grade_cli(lab, tmp_path, tmp_path / "class")
+    assert rows["alice"]["flags"] == "" and rows["mallory"]["status"] == "error"
+
+
+# ---------------------------------------------------------------------------------------------
+# nbgrader's release and source versions: the key, hidden tests, unanswered questions
+# ---------------------------------------------------------------------------------------------
+
+
+def nbgrader_release(nb: Any) -> Any:
+    """What nbgrader's generate_assignment makes of a source notebook: solutions replaced by
+    nbgrader's stub (raise NotImplementedError()), hidden tests and outputs removed."""
+    if sys.version_info < (3, 11):
+        pytest.skip("nbgrader 0.9 (labkit[instructor]) needs Python 3.11")
+    from nbgrader.preprocessors import ClearHiddenTests, ClearOutput, ClearSolutions
+
+    nb = copy.deepcopy(nb)
+    for step in (ClearSolutions(), ClearHiddenTests(), ClearOutput()):
+        nb, _ = step.preprocess(nb, {})
+    return nb
+
+
+def test_nbgrader_release_of_a_lab(tmp_path):
+    source = make_lab()
+    release = nbgrader_release(source)
+    assert "raise NotImplementedError()" in release.cells[2].source
+    assert "HIDDEN" not in release.cells[3].source and "BEGIN SOLUTION" not in str(release)
+    s = grading.load_release(write(source, tmp_path / "source.ipynb"))
+    r = grading.load_release(write(release, tmp_path / "release.ipynb"))
+    assert (s.has_hidden_tests, s.has_solutions, r.has_hidden_tests, r.has_solutions) == (
+        True, True, False, False)
+    assert [c.source for c in s.cells if c.locked] == [c.source for c in r.cells if c.locked]
+
+
+def test_the_key_is_found_from_the_release_or_the_source(tmp_path, capsys):
+    source = make_lab()
+    source.metadata["labkit"] = {"lab": "labx"}
+    release = nbgrader_release(source)
+    key = yaml.safe_dump(KEY)
+    sub = write(executed(release, GOOD), tmp_path / "subs" / "alice.ipynb")
+    layouts = {  # the lab given to --lab -> the key it finds
+        "labs/labx.ipynb": "labs/keys/labx.yml",                       # labs/ (the release)
+        "labs/source/labx.ipynb": "labs/keys/labx.yml",                # labs/source/
+        "course/release/labx/labx.ipynb": "course/keys/labx.yml",      # nbgrader's course
+        "course/source/labx/labx.ipynb": "course/keys/labx.yml",
+        "other/renamed.ipynb": "other/keys/labx.yml",                  # metadata.labkit.lab
+    }
+    for lab, key_path in layouts.items():
+        nb = source if "source" in lab else release
+        write(nb, tmp_path / lab)
+        (tmp_path / key_path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key_path).write_text(key)
+        assert grading.find_key(tmp_path / lab, grading.load_release(tmp_path / lab)) == \
+            tmp_path / key_path
+        (r,) = grading.grade_submissions([sub], tmp_path / lab)
+        assert (r.total, r.flags, r.error) == (5.0, [], None), (lab, r.flags, r.error)
+    alone = write(release, tmp_path / "alone" / "deep" / "labx.ipynb")
+    out = str(tmp_path / "g.csv")
+    assert main(["grade", str(sub), "--lab", str(alone), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert f"no answer key for labx: looked for {alone.parent.as_posix()}/keys/labx.yml, " \
+           f"{alone.parent.parent.as_posix()}/keys/labx.yml" in err
+    assert "; pass --key KEY.yml (the labkit repository ships it as labs/keys/labx.yml)" in err
+
+
+def hidden_test_lab() -> Any:
+    """labz: the answer must be 1; the visible test only checks that there is one."""
+    lab = make_lab("labz", points=(1,))
+    lab.metadata["labkit"] = {"lab": "labz"}
+    lab.cells[1].source = "x = 0"
+    lab.cells[2].source = "### BEGIN SOLUTION\nanswer1 = 1\n### END SOLUTION"
+    lab.cells[3].source = ("assert answer1 is not None\n### BEGIN HIDDEN TESTS\n"
+                           "assert answer1 == 1, 'hidden test'\n### END HIDDEN TESTS")
+    return lab
+
+
+def test_execute_runs_the_hidden_tests_of_the_source(tmp_path, capsys):
+    source = hidden_test_lab()
+    release = nbgrader_release(source)
+    labs = tmp_path / "labs"
+    write(release, labs / "labz.ipynb")
+    (labs / "keys").mkdir()
+    (labs / "keys" / "labz.yml").write_text(yaml.safe_dump({"lab": "labz", "questions": [{
+        "grade_id": "labz-q1-test", "checks": [{"rule": "test_cell", "points": 1}]}]}))
+    sub = executed(release)
+    sub.cells[2].source = "answer1 = 2"                 # passes the visible test only
+    sub_path = write(sub, tmp_path / "subs" / "alice.ipynb")
+    out = tmp_path / "g.csv"
+
+    def grade(*extra: str) -> tuple[str, str]:
+        assert main(["grade", str(sub_path), "--lab", str(labs / "labz.ipynb"), "--out",
+                     str(out), "--execute", "--timeout", "120", *extra]) == 0
+        (row,) = read_gradebook(out)
+        return row["total"], capsys.readouterr().out
+
+    total, printed = grade()                            # a release and no source at hand
+    assert total == "1"
+    assert "(a release version: hidden tests it may have had are not run; pass --source " \
+           "SOURCE.ipynb to run them)" in printed
+    other = write(source, tmp_path / "mine" / "labz-source.ipynb")
+    total, printed = grade("--source", str(other))     # the source named
+    assert total == "0" and f"the locked cells run as in {other}" in printed
+    write(source, labs / "source" / "labz.ipynb")       # found in labs/source/
+    total, printed = grade()
+    assert total == "0" and f"run as in {labs / 'source' / 'labz.ipynb'}\n" in printed
+    # The source given as --lab: its hidden tests run, even in an untouched test cell.
+    assert main(["grade", str(sub_path), "--lab", str(labs / "source" / "labz.ipynb"),
+                 "--out", str(out), "--execute", "--timeout", "120"]) == 0
+    assert read_gradebook(out)[0]["total"] == "0"
+    capsys.readouterr()
+
+
+def test_a_source_that_does_not_match_is_refused(tmp_path, capsys):
+    source = hidden_test_lab()
+    lab = write(nbgrader_release(source), tmp_path / "labz.ipynb")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "labz.yml").write_text(yaml.safe_dump({"lab": "labz", "questions": [{
+        "grade_id": "labz-q1-test", "checks": [{"rule": "test_cell", "points": 1}]}]}))
+    changed = copy.deepcopy(source)
+    changed.cells[3].source = "assert answer1 == 3"
+    other = write(changed, tmp_path / "changed.ipynb")
+    base = ["grade", str(tmp_path / "none"), "--lab", str(lab), "--out", str(tmp_path / "g.csv")]
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--execute", "--source", str(other)])
+    assert e.value.code == 2 and "the locked cell 'labz-q1-test' differs from the lab's (not " \
+        "only by hidden tests)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--source", str(other)])
+    assert e.value.code == 2 and "--source only applies with --execute" in \
+        capsys.readouterr().err
+
+
+def test_no_saved_outputs_is_said_once_per_question(lab, tmp_path):
+    subs = tmp_path / "subs"
+    write(make_lab(), subs / "carol.ipynb")
+    out = tmp_path / "g.csv"
+    assert main(["grade", str(subs), "--lab", str(lab), "--out", str(out), "--feedback",
+                 str(tmp_path / "fb")]) == 0
+    (row,) = read_gradebook(out)
+    assert row["reasons"] == (f"labx-q1-test (-3): {grading.NO_OUTPUTS} | "
+                              f"labx-q2-test (-2): {grading.NO_OUTPUTS}")
+    page = (tmp_path / "fb" / "carol.md").read_text()
+    assert page.count("- no saved outputs: ") == 2            # once per question
+    assert "- lost 1: b\\* is the argmin" not in page           # labels, not messages
+    assert "- lost 1: critical_batch_size is the argmin of sfo_table." in page
+
+
+def test_an_unanswered_question_reads_not_answered(lab, tmp_path):
+    """nbgrader's release run as handed out: its answer cells raise NotImplementedError."""
+    from nbclient import NotebookClient
+
+    release = nbgrader_release(make_lab())
+    release.cells[1].source = "x = 0"
+    nb = copy.deepcopy(release)
+    NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
+    answered = copy.deepcopy(nb)                         # question 2 answered and recorded
+    answered.cells[4].outputs = [record_output(n, v) for n, v in GOOD[2].items()]
+    answered.cells[5].outputs = []
+    unrun = copy.deepcopy(nb)                            # the stub left, not run
+    unrun.cells[2].outputs, unrun.cells[2].execution_count = [], None
+    subs = tmp_path / "subs"
+    write(nb, subs / "asis.ipynb")
+    write(answered, subs / "half.ipynb")
+    write(unrun, subs / "unrun.ipynb")
+    results = {r.student: r for r in grading.grade_submissions([subs], lab)}
+    stub = ("not answered: the cell 'labx-q{}-answer' raised NotImplementedError (the lab's "
+            "placeholder): write your answer in place of 'raise NotImplementedError()', run it "
+            "and save the notebook")
+    assert [q.reasons for q in results["asis"].questions] == [[stub.format(1)], [stub.format(2)]]
+    assert results["half"].questions[1].reasons == [] and results["half"].total == 2
+    assert results["unrun"].questions[0].reasons == [
+        "not answered: the answer cell 'labx-q1-answer' still holds the lab's placeholder "
+        "'raise NotImplementedError()' and was not run"]
+    feedback = grading.feedback_markdown(results["asis"])
+    assert feedback.count("not answered") == 2
+
+
+# ---------------------------------------------------------------------------------------------
 # The real labs: executed once per session in the smoke profile, then graded as five students
 # ---------------------------------------------------------------------------------------------
 
@@ -1315,3 +1829,21 @@ def test_real_lab_gradebook(lab, smoke_run, tmp_path, capsys):
         assert rows[student]["flags"].startswith("outputs cleared"), rows[student]
         assert "no saved outputs" in rows[student]["reasons"], rows[student]
     assert "not valid JSON" in rows["malformed"]["reasons"]
+
+
+@pytest.mark.parametrize("lab", LABS, ids=[p.stem for p in LABS])
+def test_real_lab_release_version_grades_the_same(lab, smoke_run, tmp_path, capsys):
+    """nbgrader's release of each lab, given as --lab in labs/ beside its key, finds the key
+    and grades a correct submission exactly as the source version does: full marks, no flags."""
+    release = write(nbgrader_release(nbformat.read(lab, as_version=4)),
+                    tmp_path / "labs" / lab.name)
+    key = grading.default_key_path(lab)
+    (tmp_path / "labs" / "keys").mkdir()
+    (tmp_path / "labs" / "keys" / key.name).write_text(key.read_text())
+    sub = write(smoke_run(lab), tmp_path / "subs" / "correct.ipynb")
+    out = tmp_path / "g.csv"
+    assert main(["grade", str(sub), "--lab", str(release), "--out", str(out)]) == 0
+    capsys.readouterr()
+    (row,) = read_gradebook(out)
+    assert (row["status"], row["total"], row["flags"], row["reasons"]) == (
+        "graded", row["max"], "", ""), row
