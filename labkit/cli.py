@@ -106,7 +106,14 @@ def add_run_options(p: argparse.ArgumentParser, profiles: Sequence[str]) -> None
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--compile", action="store_true", help="use torch.compile")
-    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no random crop, flip or rotation of training images")
+    rot = p.add_mutually_exclusive_group()
+    rot.add_argument("--rotate", type=_float, default=None, metavar="DEGREES",
+                     help="random rotation of training images by up to DEGREES (default: 15 on "
+                     "cifar100, as in Sato & Iiduka's code; 0 on cifar10)")
+    rot.add_argument("--no-rotate", dest="rotate", action="store_const", const=0.0,
+                     help="no random rotation (same as --rotate 0)")
     p.add_argument("--data-root", default=None,
                    help="folder with cifar-10-batches-py / cifar-100-python "
                    "(default: $LABKIT_DATA or ~/.cache/labkit/data)")
@@ -473,7 +480,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
         batch_schedule=args.batch_schedule, seed=args.seed, device=args.device,
         precision=args.precision, compile=args.compile, augment=args.augment,
-        data_root=args.data_root, download=args.download, out=args.out, profile=args.profile,
+        rotate=args.rotate, data_root=args.data_root, download=args.download, out=args.out,
+        profile=args.profile,
     )
     try:
         config = config.resolved()
@@ -843,7 +851,8 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
         dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
         hparams=hparams, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
         precision=args.precision, compile=args.compile, augment=args.augment,
-        data_root=args.data_root, download=args.download, profile=args.profile,
+        rotate=args.rotate, data_root=args.data_root, download=args.download,
+        profile=args.profile,
     )
     max_epochs = args.max_epochs
     quiet = args.quiet

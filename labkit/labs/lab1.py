@@ -131,7 +131,8 @@ def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
 
     CIFAR-10 with the profile's model (ResNet-44 in short/paper, the power-eta thesis's network;
     the tiny
-    CNN in smoke), no weight decay, the standard augmentation, beta2 = 0.999.
+    CNN in smoke), no weight decay, random crops and flips (no rotation: CIFAR-10), beta2 =
+    0.999.
     """
     runs = []
     for opt in values["optimizers"]:

@@ -162,7 +162,8 @@ def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
 
     CIFAR-100 with the profile's model (ResNet-18 in short/paper, Sato & Iiduka's (2023) network;
     the tiny
-    CNN in smoke), plain SGD without momentum or weight decay, the standard augmentation.
+    CNN in smoke), plain SGD without momentum or weight decay, the augmentation of the authors'
+    code (crop, flip and a random rotation of up to 15 degrees: ``TrainConfig.rotate``).
 
     Raises:
         ValueError: invalid knobs (:func:`validate`'s messages).

@@ -167,7 +167,8 @@ def validate(values: Mapping[str, Any]) -> list[str]:
 
 def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
     """The runs lab 6's knobs ask for: optimizer x lr x batch size x seed on CIFAR-100 (the
-    profile's model), no weight decay, the standard augmentation; SHB and NSHB with ``beta``.
+    profile's model), no weight decay, the augmentation of the authors' code (crop, flip and a
+    random rotation of up to 15 degrees: ``TrainConfig.rotate``); SHB and NSHB with ``beta``.
 
     Raises:
         ValueError: invalid knobs (:func:`validate`'s messages).
