@@ -899,7 +899,8 @@ def augment(
     intended, that is black, exactly like torchvision's ``RandomCrop(32, padding=4)`` before
     ``Normalize`` in the usual CIFAR ResNet recipe (He et al. 2016, arXiv:1512.03385); applied
     to normalized images it would be the mean colour instead. (airbench reflects the border
-    instead; labkit keeps the recipe of the papers the labs reproduce.)
+    instead; labkit keeps the black border of the papers' code, whose CIFAR-100 runs then also
+    rotate each image: :func:`random_rotate`.)
     """
     _check_images(x)
     if not isinstance(generator, torch.Generator):
