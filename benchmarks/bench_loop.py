@@ -1,8 +1,9 @@
 """labkit's training loop vs a naive PyTorch loop on the same model and data.
 
 The naive loop is what a hand-written CIFAR script usually looks like: a torchvision data
-set read into PIL images, torchvision transforms (random crop with 4-pixel padding, flip,
-to-tensor, normalize), a DataLoader with worker processes, and a ``loss.item()`` per step.
+set read into PIL images, torchvision transforms (random crop with 4-pixel padding, flip, on
+CIFAR-100 the rotation by up to 15 degrees that labkit applies there too, to-tensor,
+normalize), a DataLoader with worker processes, and a ``loss.item()`` per step.
 labkit keeps the data on the device, augments on the device, and reads metrics once per
 epoch. Both run the same model, optimizer, batch size and number of epochs, and both
 evaluate on the test set each epoch; the first epoch of each is a warm-up and not timed.
@@ -44,11 +45,13 @@ def naive_epoch_times(
 
     from labkit.data import load_cifar
     from labkit.models import build_model
+    from labkit.train import PAPER_ROTATION
 
     stats = load_cifar(dataset, root=root)  # the same per-channel statistics as labkit uses
     mean, std = stats.mean, stats.std
-    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                          T.Normalize(mean, std)])
+    rotation = [T.RandomRotation(PAPER_ROTATION[dataset])] if PAPER_ROTATION[dataset] else []
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *rotation,
+                          T.ToTensor(), T.Normalize(mean, std)])
     test_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
     base = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
 

@@ -13,8 +13,9 @@ How the data lives on the device. Following airbench (Keller Jordan, 2024, "94% 
 (150 MiB for CIFAR-10's training set) and stays there for the whole run. There is no
 ``DataLoader``, no worker process and no PIL: an epoch is a random permutation of indices
 (:func:`iterate_batches`), the training loop gathers ``x[idx]`` itself, and random crops and flips
-are applied to a whole batch at once by :func:`augment`, which draws its randomness from a seeded
-``torch.Generator`` so that runs are reproducible. A typical step::
+are applied to a whole batch at once by :func:`augment` (random rotations by
+:func:`random_rotate`), which draw their randomness from a seeded ``torch.Generator`` so that
+runs are reproducible. A typical step::
 
     data = load_cifar("cifar10", device="auto")
     gen = torch.Generator(device=data.train_x.device).manual_seed(0)
@@ -68,6 +69,8 @@ __all__ = [
     "make_fake_cifar",
     "normalize",
     "num_batches",
+    "random_rotate",
+    "rotate",
 ]
 
 DATASET_NAMES = ("cifar10", "cifar100")
@@ -823,6 +826,9 @@ def iterate_batches(
 # Augmentation on the device
 
 
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _check_images(x: Any, arg: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
@@ -866,7 +872,7 @@ def crop_flip(
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{arg} must be a tensor of shape ({n},), got {shape}")
     for arg, t in (("top", top), ("left", left)):
-        if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if t.dtype not in _INT_DTYPES:
             raise TypeError(f"{arg} must be an integer tensor, got {t.dtype}")
         if n and (int(t.min()) < 0 or int(t.max()) > 2 * pad):
             raise ValueError(
@@ -893,7 +899,8 @@ def augment(
     intended, that is black, exactly like torchvision's ``RandomCrop(32, padding=4)`` before
     ``Normalize`` in the usual CIFAR ResNet recipe (He et al. 2016, arXiv:1512.03385); applied
     to normalized images it would be the mean colour instead. (airbench reflects the border
-    instead; labkit keeps the recipe of the papers the labs reproduce.)
+    instead; labkit keeps the black border of the papers' code, whose CIFAR-100 runs then also
+    rotate each image: :func:`random_rotate`.)
     """
     _check_images(x)
     if not isinstance(generator, torch.Generator):
@@ -910,6 +917,103 @@ def augment(
         mirror = torch.zeros(n, dtype=torch.bool, device=gdev)
     dev = x.device
     return _crop_flip(x, offsets[0].to(dev), offsets[1].to(dev), mirror.to(dev), pad)
+
+
+#: Images per call of ``grid_sample`` in :func:`rotate`: bounds the float32 copies (about
+#: 110 MiB of work memory at 32 x 32 x 3) whatever the size of the set rotated at once.
+ROTATE_CHUNK = 8192
+
+
+def _rotation_grid(angles: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sampling grids (N, H, W, 2) of ``grid_sample`` for counter-clockwise rotations.
+
+    The same arithmetic as torchvision's tensor ``rotate`` (``center=None``, ``expand=False``),
+    written for N angles at once: the inverse affine matrix [[cos a, sin a], [-sin a, cos a]]
+    of a = -(angle mod 360) degrees in float64, rounded to ``dtype``; pixel-centre coordinates
+    x = j - (W - 1) / 2 (and y likewise) multiplied by it with ``bmm``; the result divided by
+    (W / 2, H / 2) into grid_sample's [-1, 1] (``align_corners=False``).
+    """
+    n, dev = angles.shape[0], angles.device
+    a = torch.remainder(angles.to(torch.float64), 360.0)
+    rad = -a * (math.pi / 180.0)  # Python's math.radians(-a), operation for operation
+    cos, sin = torch.cos(rad).to(dtype), torch.sin(rad).to(dtype)
+    zero = torch.zeros_like(cos)
+    # theta^T of torchvision, rows (x, y, 1) -> columns (source x, source y)
+    theta = torch.stack([cos, -sin, sin, cos, zero, zero], dim=1).view(n, 3, 2)
+    theta = theta / torch.tensor([0.5 * w, 0.5 * h], dtype=dtype, device=dev)
+    base = torch.empty(1, h, w, 3, dtype=dtype, device=dev)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
+    base[..., 1].copy_(
+        torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1)
+    )
+    base[..., 2].fill_(1)
+    return base.view(1, h * w, 3).expand(n, -1, -1).bmm(theta).view(n, h, w, 2)
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate image ``i`` of ``x`` counter-clockwise by ``angles[i]`` degrees about its centre.
+
+    Deterministic part of :func:`random_rotate`. ``x``: (N, C, H, W), uint8 or floating;
+    ``angles``: N finite numbers (degrees, any range). Returns the same dtype, shape and
+    device. Nearest-neighbour sampling, output of the input's size (corners cut off), pixels
+    whose source lies outside the image set to 0 (black for uint8 images): the defaults of
+    torchvision's ``RandomRotation`` (interpolation NEAREST, ``expand=False``, ``center=None``,
+    ``fill=0``).
+
+    Equal to ``torchvision.transforms.v2.functional.rotate(x[i], float(angles[i]))``, bit for
+    bit: the grids are computed with the same float32 operations and sampled with the same
+    ``torch.nn.functional.grid_sample`` call, only for all images at once (in chunks of
+    :data:`ROTATE_CHUNK`). Where a source position lies within float32 round-off of the
+    midpoint between two pixels, which pixel wins depends on that arithmetic, so the match is
+    exact only against torchvision on the same device. (Pillow's ``Image.rotate``, which the
+    papers' data loaders applied to PIL images, computes positions in 16.16 fixed point and
+    picks the other neighbour for about 1.5 pixels in 10,000: those whose source lies within
+    3e-4 pixel of such a midpoint.)
+    """
+    _check_images(x)
+    n, c, h, w = x.shape
+    if not isinstance(angles, torch.Tensor) or angles.shape != (n,):
+        shape = tuple(angles.shape) if isinstance(angles, torch.Tensor) else type(angles).__name__
+        raise ValueError(f"angles must be a tensor of shape ({n},), got {shape}")
+    if not (angles.dtype.is_floating_point or angles.dtype in _INT_DTYPES):
+        raise TypeError(f"angles must be a real tensor (degrees), got {angles.dtype}")
+    if n and not bool(torch.isfinite(angles).all()):
+        raise ValueError("angles must be finite numbers of degrees; got inf or nan")
+    work = x.dtype if x.dtype.is_floating_point else torch.float32
+    angles = angles.to(x.device)
+    out = torch.empty_like(x)
+    for i in range(0, n, ROTATE_CHUNK):
+        xs = x[i : i + ROTATE_CHUNK]
+        grid = _rotation_grid(angles[i : i + ROTATE_CHUNK], h, w, work)
+        rotated = F.grid_sample(
+            xs.to(work), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )
+        out[i : i + ROTATE_CHUNK] = rotated if xs.dtype == work else rotated.round_()
+    return out
+
+
+def random_rotate(
+    x: torch.Tensor, generator: torch.Generator, degrees: float = 15.0
+) -> torch.Tensor:
+    """Rotate each image of ``x`` by its own angle, uniform in [-degrees, degrees].
+
+    torchvision's ``RandomRotation(degrees)`` with its defaults, for a whole set of images at
+    once (:func:`rotate`; the angles are drawn like its ``uniform_``, in float32). ``x``:
+    (N, C, H, W), uint8 or floating; all randomness comes from ``generator``. Applied to
+    uint8 images after :func:`augment`, this is the CIFAR-100 recipe of Sato & Iiduka's code
+    (``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip()``, ``RandomRotation(15)``, then
+    ``ToTensor`` and ``Normalize``).
+    """
+    _check_images(x)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if isinstance(degrees, bool) or not isinstance(degrees, (int, float)) or not (
+        math.isfinite(degrees) and degrees >= 0
+    ):
+        raise ValueError(f"degrees must be a finite number >= 0, got {degrees!r}")
+    angles = torch.empty(x.shape[0], device=generator.device)
+    angles.uniform_(-float(degrees), float(degrees), generator=generator)
+    return rotate(x, angles)
 
 
 def normalize(

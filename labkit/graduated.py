@@ -421,7 +421,8 @@ STEP_FACTORS = {
 
 
 def step_schedule(
-    lr0: float, batch0: int, mode: str, epochs: int = 200, every: int = 40
+    lr0: float, batch0: int, mode: str, epochs: int = 200, every: int = 40,
+    batch_delay: int = 1,
 ) -> EpochSchedule:
     """The step schedules of the experiments of arXiv 2311.08745 (ResNet-18, CIFAR-100).
 
@@ -429,6 +430,17 @@ def step_schedule(
     ``"hybrid"``: lr x sqrt(3)/2 and b x 1.5. Each shrinks delta = lr C / sqrt(b) by exactly
     1/sqrt(2) per stage (for the hybrid, (sqrt(3)/2) / sqrt(1.5) = 1/sqrt(2)) as long as the
     batch sizes stay integers (b0 = 32 as in the seed: 32, 48, 72, 108, 162).
+
+    Timing, as in the authors' code (naoki-sato3/new-sigma-nice ``cifar.py``, lines 115-133):
+    the learning rate decays at the 0-based epochs every, 2 every, ... (``StepLR`` stepped
+    after each epoch), but the batch grows ``batch_delay`` = 1 epoch later, at epochs
+    every + 1, 2 every + 1, ..., because the loop replaces the data loader after training
+    epoch e when ``e % every == 0 and e != 0``. So in the first epoch of each stage the batch
+    schedule's delta has not changed yet, and the hybrid's has changed by sqrt(3)/2 only; the
+    article describes the stages without this lag. ``batch_delay=0`` grows the batch together
+    with the learning-rate decay. (The code also truncates each new batch size,
+    ``int(b * factor)``, where labkit rounds ``b0 * factor^k``; the two agree whenever the
+    products are integers, as for b0 = 32.)
     """
     if mode not in STEP_FACTORS:
         raise ValueError(f"mode must be one of {tuple(STEP_FACTORS)}, got {mode!r}")
@@ -436,11 +448,13 @@ def step_schedule(
     _check_positive("batch0", batch0, integer=True)
     _check_positive("epochs", epochs, integer=True)
     _check_positive("every", every, integer=True)
+    if isinstance(batch_delay, bool) or not isinstance(batch_delay, int) or batch_delay < 0:
+        raise ValueError(f"batch_delay must be an integer >= 0 (epochs), got {batch_delay!r}")
     kappa, lam = STEP_FACTORS[mode]
     lr_spec = {"kind": "constant"} if kappa == 1 else {"kind": "step", "every": every,
                                                         "factor": kappa}
     batch_spec = {"kind": "constant"} if lam == 1 else {"kind": "step", "every": every,
-                                                         "factor": lam}
+                                                         "factor": lam, "delay": batch_delay}
     return _epoch_schedule(lr0, batch0, epochs, schedules.validate_lr_schedule(lr_spec),
                            schedules.validate_batch_schedule(batch_spec))
 

@@ -24,8 +24,16 @@ Learning-rate kinds (``lr0`` is the initial learning rate):
 Batch-size kinds (``b0`` is the initial batch size; results are ints >= 1):
 
 - ``constant``: ``b0``.
-- ``step`` (``every`` = 40, ``factor`` = 2, optional ``max``):
-  ``round(b0 * factor ** (e // every))``, capped at ``max``.
+- ``step`` (``every`` = 40, ``factor`` = 2, optional ``max``, ``delay`` = 0):
+  ``round(b0 * factor ** (max(e - delay, 0) // every))``, capped at ``max``: the batch grows
+  at epochs ``every + delay``, ``2 every + delay``, ... With ``delay = 0`` it grows at the
+  epochs where a ``step`` learning rate with the same ``every`` decays. ``delay = 1`` is the
+  timing of Sato & Iiduka's code (naoki-sato3/new-sigma-nice ``cifar.py``, lines 124-133):
+  its loop grows the batch *after* training epoch ``e`` when ``e % every == 0 and e != 0``,
+  so the new batch size is first used in epoch ``every + 1``, one epoch after its
+  ``StepLR(step_size=every)`` has decayed the learning rate (epoch ``every``, as here).
+  ``delay`` is left out of the normalized spec when it is 0, so specs written before it
+  existed keep their form (and run folders their hashes).
 - ``poly`` (``power`` = 0.9, optional ``stages``, ``every``, ``max``):
   ``round(b0 / g_m ** 2)`` with ``g_m = ((S - m) / S) ** power``, capped at ``max``.
   Since the smoothing degree of SGD is ``delta = lr * C / sqrt(b)`` (arXiv 2311.08745),
@@ -84,7 +92,7 @@ LR_KINDS: dict[str, dict[str, Any]] = {
 }
 BATCH_KINDS: dict[str, dict[str, Any]] = {
     "constant": {},
-    "step": {"every": 40, "factor": 2.0, "max": None},
+    "step": {"every": 40, "factor": 2.0, "max": None, "delay": 0},
     "poly": {"power": 0.9, "stages": None, "every": None, "max": None},
 }
 
@@ -111,6 +119,10 @@ def _check_value(what: str, kind: str, key: str, value: Any, optional: bool) -> 
             return None
         if not _is_int(value) or value < 1:
             raise ValueError(f"{where} must be an integer >= 1 or None, got {value!r}")
+        return int(value)
+    if key == "delay":
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{where} must be an integer >= 0 (epochs), got {value!r}")
         return int(value)
     if not _is_number(value):
         raise ValueError(f"{where} must be a finite number, got {value!r}")
@@ -151,6 +163,8 @@ def _validate(spec: Any, kinds: dict[str, dict[str, Any]], what: str) -> dict:
     out: dict[str, Any] = {"kind": kind}
     for key, default in defaults.items():
         out[key] = _check_value(what, kind, key, spec.get(key, default), default is None)
+    if out.get("delay") == 0:
+        del out["delay"]  # the form (and hash) of specs written before "delay" existed
     return out
 
 
@@ -167,7 +181,8 @@ def validate_batch_schedule(spec: dict | None) -> dict:
     """Return the normalized batch-size schedule spec with defaults filled in.
 
     Raises TypeError if ``spec`` is not a dict or None, ValueError for an unknown kind, an
-    unknown key or a bad value (every/stages/max < 1, factor <= 0, power < 0).
+    unknown key or a bad value (every/stages/max < 1, factor <= 0, power < 0, delay < 0).
+    ``delay`` appears in the result only when it is not 0.
     """
     return _validate(spec, BATCH_KINDS, "batch")
 
@@ -255,7 +270,8 @@ def batch_size_at(spec: dict | None, b0: int, epoch: int, epochs: int) -> int:
     if kind == "constant":
         return b0
     if kind == "step":
-        return round_batch_size(b0 * spec["factor"] ** (epoch // spec["every"]), spec["max"])
+        grown = max(epoch - spec.get("delay", 0), 0) // spec["every"]
+        return round_batch_size(b0 * spec["factor"] ** grown, spec["max"])
     m, n_phases = _phase(spec, epoch, epochs)
     return round_batch_size(b0 / poly_factor(m, n_phases - 1, spec["power"]) ** 2, spec["max"])
 
@@ -309,7 +325,9 @@ def describe(spec: dict | None, of: str = "lr") -> str:
         if kind == "constant":
             return "constant batch size"
         if kind == "step":
-            return f"batch x {_fmt(spec['factor'])} every {spec['every']} epochs{cap}"
+            lag = spec.get("delay", 0)
+            late = "" if not lag else f" (first at epoch {spec['every'] + lag}, 0-based)"
+            return f"batch x {_fmt(spec['factor'])} every {spec['every']} epochs{late}{cap}"
         return (
             f"polynomial growth b0 / (1 - m/S)^(2*{_fmt(spec['power'])}), "
             f"{_phase_text(spec)}{cap}"

@@ -61,6 +61,14 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: The model each paper trains on each data set (the power-eta thesis: ResNet-44 on CIFAR-10;
 #: Sato & Iiduka (2023, 2024): ResNet-18 on CIFAR-100).
 PAPER_MODEL = {"cifar10": "resnet44", "cifar100": "resnet18"}
+#: The largest random rotation (degrees) of each paper's augmentation, what ``rotate=None``
+#: resolves to when ``augment`` is on. Sato & Iiduka's code rotates its CIFAR-100 training images
+#: by a uniform angle in [-15, 15] degrees after the crop and the flip
+#: (``transforms.RandomRotation(15)``: naoki-sato3/new-sigma-nice ``cifar.py`` line 91 and
+#: ``sharpness/main.py`` line 160, naoki-sato3/sigma-nice-momentum ``main.py`` line 167); the
+#: articles do not mention it. The power-eta thesis's CIFAR-10 runs are not published; labkit
+#: does not rotate them (crop and flip only, the usual recipe of He et al. 2016).
+PAPER_ROTATION = {"cifar10": 0.0, "cifar100": 15.0}
 #: Size of the generated data set of the smoke profile.
 SMOKE_SIZES = {"n_train": 512, "n_test": 256}
 SMOKE_FOLDER = "labkit-smoke"
@@ -68,6 +76,10 @@ SMOKE_FOLDER = "labkit-smoke"
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "result.json")
 # Fields that name where things are, not what is computed: they do not change a run's identity.
 _NON_IDENTITY_FIELDS = ("out", "data_root", "download")
+# Fields added after runs were first stored, with the value that reproduces what labkit did
+# before them. A stored config without the field had that value, and an identity leaves the
+# field out at that value, so the hashes (sweep folder names) of those runs do not change.
+_ADDED_FIELDS: dict[str, Any] = {"rotate": 0.0}
 
 
 @dataclass
@@ -96,6 +108,11 @@ class TrainConfig:
         channels_last: use the channels-last memory format; ``None`` means on CUDA only.
         compile: wrap the model in ``torch.compile``.
         augment: random crop (4-pixel padding) and horizontal flip of training images.
+        rotate: then rotate each training image by a uniform random angle in
+            [-rotate, rotate] degrees (:func:`labkit.data.random_rotate`: torchvision's
+            ``RandomRotation`` defaults, nearest neighbour, black corners); ``0`` turns it off.
+            ``None`` picks the papers' recipe for the data set when ``augment`` is on
+            (:data:`PAPER_ROTATION`: 15 on CIFAR-100, 0 on CIFAR-10), and 0 when it is off.
         track_grad_norm: record the mean mini-batch gradient norm of each epoch.
         data_root: folder holding ``cifar-10-batches-py`` / ``cifar-100-python``; ``None``
             means ``$LABKIT_DATA`` or ``~/.cache/labkit/data``.
@@ -120,6 +137,7 @@ class TrainConfig:
     channels_last: bool | None = None
     compile: bool = False
     augment: bool = True
+    rotate: float | None = None
     track_grad_norm: bool = True
     data_root: str | None = None
     download: bool = False
@@ -159,6 +177,11 @@ class TrainConfig:
         _check_int("epochs", cfg.epochs, 1)
         _check_int("seed", cfg.seed, 0)
         _check_number("weight_decay", cfg.weight_decay, "a finite number >= 0", lambda v: v >= 0)
+        if cfg.rotate is None:
+            cfg.rotate = PAPER_ROTATION[cfg.dataset] if cfg.augment else 0.0
+        _check_number("rotate", cfg.rotate, "None or a number of degrees in [0, 180]",
+                      lambda v: 0 <= v <= 180)
+        cfg.rotate = float(cfg.rotate)
         if cfg.precision not in PRECISIONS:
             raise ValueError(
                 f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}"
@@ -176,6 +199,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Read back a config written by :meth:`to_dict` (a run's ``config.json``).
+
+        A field the dict lacks was added to labkit after the dict was written; it gets the
+        value that reproduces what labkit did then (``rotate=0``: no rotation).
+        """
+        d = {**_ADDED_FIELDS, **d}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -190,6 +219,9 @@ class TrainConfig:
         d = self.resolved().to_dict()
         for k in _NON_IDENTITY_FIELDS:
             d.pop(k)
+        for k, before in _ADDED_FIELDS.items():
+            if d[k] == before:
+                d.pop(k)
         return d
 
 
@@ -538,8 +570,9 @@ def train(
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     # Training images stay uint8 on the device. At the start of each epoch the whole set is
-    # cropped and flipped (independently per image; black padding, the papers' recipe) and
-    # normalized in a handful of kernels, airbench-style, so a step only gathers its batch.
+    # cropped and flipped (independently per image; black padding), rotated when cfg.rotate > 0
+    # (Sato & Iiduka's CIFAR-100 recipe) and normalized in a handful of kernels, airbench-style,
+    # so a step only gathers its batch.
     in_dtype = torch.bfloat16 if amp_dtype is torch.bfloat16 and use_cuda else torch.float32
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     train_y, test_y = data.train_y, data.test_y
@@ -548,6 +581,8 @@ def train(
 
     def epoch_inputs() -> torch.Tensor:
         x = lk_data.augment(data.train_x, gen) if cfg.augment else data.train_x
+        if cfg.rotate:  # no random draws at 0: runs without rotation are what they were
+            x = lk_data.random_rotate(x, gen, cfg.rotate)
         x = lk_data.normalize(x, data.mean, data.std, dtype=in_dtype)
         return x.contiguous(memory_format=memory_format)
 

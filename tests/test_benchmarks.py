@@ -29,6 +29,12 @@ def test_bench_loop_quick(capsys):
     assert "ratio labkit/naive" in capsys.readouterr().out
 
 
+def test_bench_augment_quick(capsys):
+    row = load("bench_augment").main(["--quick", "--device", "cpu"])
+    assert row["n"] == 512 and row["crop_flip_s"] > 0 and row["rotation_s"] > 0
+    assert "ratio rotation / (crop + flip)" in capsys.readouterr().out
+
+
 def test_no_host_sync_per_training_step():
     out = load("bench_syncs").main(["--optimizers", "sgd", "shb", "nshb", "adam",
                                     "--steps", "4"])

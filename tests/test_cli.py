@@ -30,7 +30,19 @@ def test_train_smoke_then_reload(tmp_path, capsys):
     assert code == 0 and "already holds a finished run" in out
 
 
+def test_train_rotation_flags(tmp_path, capsys):
+    base = ["train", "--profile", "smoke", "--dataset", "cifar100", "--epochs", "1",
+            "--data-root", str(tmp_path / "d"), "--device", "cpu", "--quiet"]
+    for flags, expected in (([], 15.0), (["--no-rotate"], 0.0), (["--rotate", "7.5"], 7.5)):
+        out = tmp_path / f"run{len(flags)}"
+        code, _, _ = run(capsys, *base, *flags, "--out", str(out))
+        assert code == 0
+        assert json.loads((out / "config.json").read_text())["rotate"] == expected
+
+
 @pytest.mark.parametrize("argv,match", [
+    (["train", "--profile", "smoke", "--rotate", "200"], "rotate must be None or a number"),
+    (["train", "--rotate", "5", "--no-rotate"], "not allowed with argument"),
     (["train", "--optimizer", "adamw"], "invalid choice: 'adamw'"),
     (["train", "--batch-size", "0"], "expected a positive integer"),
     (["train", "--lr", "fast"], "expected a number"),

@@ -70,17 +70,26 @@ def test_sweep_dry_run_then_run_then_reload(tmp_path, capsys):
              "--device", "cpu"]
     code, text, _ = run(capsys, *sharp)
     assert code == 0
-    assert text.startswith("adaptive sharpness (rho=0.0002, linf, 1 train batches): ")
+    assert text.startswith("adaptive sharpness (rho=0.0002, linf, 1 train batches of 16, "
+                           "first images): ")
+    assert last_json(text)["selection"] == "first" and last_json(text)["batch_size"] == 16
     value = last_json(text)["sharpness"]
     assert value >= 0
     code, text, _ = run(capsys, *sharp, "--rho", "0.01", "--norm", "l2", "--split", "test")
     assert code == 0 and last_json(text)["norm"] == "l2"
     code, _, err = run(capsys, "sharpness", tmp_path, "--device", "cpu")
     assert code == 1 and "config.json does not exist" in err
+    code, text, _ = run(capsys, *sharp, "--selection", "random", "--seed", "3")
+    assert code == 0 and last_json(text)["selection"] == "random"
     with pytest.raises(SystemExit) as e:
         main(["sharpness", str(run_dir), "--batches", "100", "--batch-size", "256"])
     assert e.value.code == 2
     assert "exceeds the 512 images of the train split" in capsys.readouterr().err
+    # the defaults are the authors' 8 x 128 = 1024 first training images: more than the smoke
+    # data holds
+    with pytest.raises(SystemExit) as e:
+        main(["sharpness", str(run_dir), "--device", "cpu"])
+    assert "8 * 128 = 1024 exceeds the 512 images" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text,match", [

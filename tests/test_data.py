@@ -24,6 +24,8 @@ from labkit.data import (
     make_fake_cifar,
     normalize,
     num_batches,
+    random_rotate,
+    rotate,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -737,6 +739,112 @@ def test_augment_argument_errors():
         crop_flip(x, ok, torch.zeros(3, dtype=torch.long), no)
     with pytest.raises(TypeError, match="flip must be a bool tensor"):
         crop_flip(x, ok, ok, ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotation (torchvision's RandomRotation with its defaults, for a whole set of images at once)
+
+
+def torchvision_rotate(x, angles):
+    """Image by image with torchvision's tensor kernel: the reference."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return torch.stack([TF.rotate(x[i], float(a)) for i, a in enumerate(angles.tolist())])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_rotate_equals_torchvision_bit_for_bit(device, dtype):
+    # 400 CIFAR-sized images, angles uniform in [-15, 15] plus the special cases torchvision
+    # takes shortcuts for (0, 90, 180, 270, multiples of 360) and angles outside [0, 360).
+    x = random_images(410, h=32, w=32, seed=4).to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(5)
+    angles = torch.cat([torch.empty(400).uniform_(-15, 15, generator=gen),
+                        torch.tensor([0.0, 90.0, -90.0, 180.0, 270.0, 360.0, -725.5, 15.0,
+                                      -15.0, 1e-3])])
+    out = rotate(x, angles)
+    assert out.dtype == dtype and out.device == x.device and out.shape == x.shape
+    assert torch.equal(out.cpu(), torchvision_rotate(x, angles).cpu())
+
+
+def test_rotate_non_square_and_chunked(monkeypatch):
+    monkeypatch.setattr(D, "ROTATE_CHUNK", 7)  # several grid_sample calls
+    x = random_images(20, h=9, w=14, seed=6)
+    angles = torch.linspace(-40.0, 200.0, 20)
+    assert torch.equal(rotate(x, angles), torchvision_rotate(x, angles))
+    assert rotate(x[:0], angles[:0]).shape == (0, 3, 9, 14)
+
+
+def test_random_rotate_is_RandomRotation_with_the_same_seed():
+    """Applied image by image after torch.manual_seed(s), torchvision's RandomRotation(15) draws
+    the same angles as random_rotate with a generator seeded s: the outputs are identical."""
+    from torchvision.transforms import v2
+
+    x = random_images(300, h=32, w=32, seed=7)
+    torch.manual_seed(11)
+    transform = v2.RandomRotation(15)
+    expected = torch.stack([transform(img) for img in x])
+    out = random_rotate(x, torch.Generator().manual_seed(11), 15)
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, x)
+    assert torch.equal(random_rotate(x, torch.Generator().manual_seed(0), 0), x)
+
+
+def test_rotation_is_about_the_centre_and_counter_clockwise():
+    # A bright pixel right of the centre of a 32 x 32 image moves up by 90 degrees.
+    x = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    x[0, 0, 15, 25] = 255
+    out = rotate(x, torch.tensor([90.0]))
+    assert out[0, 0].nonzero().tolist() == [[6, 15]]
+    # Small rotations keep the centre pixel and cut off the corners (zero fill).
+    img = random_images(1, h=32, w=32, seed=8)
+    turned = rotate(img, torch.tensor([15.0]))
+    assert torch.equal(turned[..., 15, 15], img[..., 15, 15])
+    assert int(turned[0, :, 0, 0].max()) == 0 and int(img[0, :, 0, 0].min()) >= 1
+
+
+def test_rotate_against_pillow_differs_only_at_near_ties():
+    """The papers' loaders rotated PIL images. Pillow's nearest-neighbour affine map works in
+    16.16 fixed point, so it may pick the other neighbour where the exact source position lies
+    within a few 1e-4 pixel of the midpoint between two pixels; nowhere else."""
+    import math
+
+    from PIL import Image
+    from torchvision.transforms import functional as TF1
+
+    n = 300
+    x = random_images(n, h=32, w=32, seed=9)
+    angles = torch.empty(n).uniform_(-15, 15, generator=torch.Generator().manual_seed(9))
+    ours = rotate(x, angles)
+    differing = 0
+    for i in range(n):
+        pil = Image.fromarray(x[i].permute(1, 2, 0).numpy())
+        theirs = torch.from_numpy(np.array(TF1.rotate(pil, float(angles[i]), fill=0)))
+        mask = (theirs.permute(2, 0, 1) != ours[i]).any(0)
+        a = math.radians(float(angles[i]))
+        for row, col in mask.nonzero().tolist():
+            u, v = col - 15.5, row - 15.5  # pixel centre relative to the image centre
+            src = (math.cos(a) * u - math.sin(a) * v + 15.5,
+                   math.sin(a) * u + math.cos(a) * v + 15.5)
+            assert min(abs(s - math.floor(s) - 0.5) for s in src) < 5e-4, (i, row, col)
+        differing += int(mask.sum())
+    assert differing / (n * 32 * 32) < 1e-3
+
+
+def test_rotate_argument_errors():
+    x = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"angles must be a tensor of shape \(2,\)"):
+        rotate(x, torch.zeros(3))
+    with pytest.raises(ValueError, match="finite"):
+        rotate(x, torch.tensor([0.0, float("nan")]))
+    with pytest.raises(TypeError, match="real tensor"):
+        rotate(x, torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        rotate(x[0], torch.zeros(3))
+    with pytest.raises(ValueError, match="degrees must be a finite number >= 0, got -1"):
+        random_rotate(x, torch.Generator(), -1)
+    with pytest.raises(TypeError, match="generator"):
+        random_rotate(x, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -537,6 +537,51 @@ def test_measure_sharpness_of_a_finished_run(sweep):
         measure_sharpness(out)
 
 
+def test_measure_sharpness_takes_the_authors_images(tmp_path, monkeypatch):
+    """By default: the first 1024 training images in file order, in 8 batches of 128,
+    normalized as in training and not augmented; rho 0.0002, l_inf, adaptive, 20 iterations
+    (naoki-sato3/new-sigma-nice sharpness/main.py)."""
+    import torch
+
+    import labkit.sharpness as lk_sharpness
+    from labkit.data import load_cifar, normalize
+    from labkit.train import train
+
+    root = tmp_path / "data"
+    make_fake_cifar(root, "cifar10", n_train=1100, n_test=32, seed=1)
+    run = tmp_path / "run"
+    train(TrainConfig(dataset="cifar10", model="tiny", lr=0.05, batch_size=256, epochs=1,
+                      data_root=str(root), device="cpu", out=str(run)), progress=False)
+    calls = []
+
+    def spy(model, loss_fn, batches, rho, **kw):
+        calls.append({"batches": [(x.clone(), y.clone()) for x, y in batches], "rho": rho, **kw})
+        return 0.125
+
+    monkeypatch.setattr(lk_sharpness, "adaptive_sharpness", spy)
+    assert measure_sharpness(run, device="cpu") == 0.125
+    (call,) = calls
+    assert (call["rho"], call["norm"], call["adaptive"], call["n_iters"]) == \
+        (0.0002, "linf", True, 20)
+    data = load_cifar("cifar10", root=root)
+    assert len(call["batches"]) == 8
+    for i, (x, y) in enumerate(call["batches"]):
+        assert torch.equal(x, normalize(data.train_x[128 * i:128 * (i + 1)], data.mean,
+                                        data.std))
+        assert torch.equal(y, data.train_y[128 * i:128 * (i + 1)])
+    settings = json.loads((run / "sharpness.json").read_text())["records"][0]["settings"]
+    assert settings["selection"] == "first" and settings["batch_size"] == 128
+    assert settings["seed"] is None  # the first images do not depend on a seed
+    # selection="random": a fixed random subset of the split, the same for the same seed
+    measure_sharpness(run, device="cpu", selection="random", seed=3, n_batches=2)
+    measure_sharpness(run, device="cpu", selection="random", seed=3, n_batches=2, cache=False)
+    first, again = calls[1]["batches"], calls[2]["batches"]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0][1], data.train_y[:128])
+    with pytest.raises(ValueError, match="selection must be one of first, random; got 'last'"):
+        measure_sharpness(run, selection="last")
+
+
 # --------------------------------------------------------------------------- plots
 
 

@@ -301,14 +301,15 @@ def test_step_schedules_of_the_seed(mode):
     """Every 40 of 200 epochs: lr x 1/sqrt(2), or b x 2, or lr x sqrt(3)/2 and b x 1.5."""
     plan = G.step_schedule(0.1, 32, mode)
     assert len(plan.lrs) == len(plan.batch_sizes) == len(plan.delta_ratios) == 200
-    ratios = [plan.delta_ratios[40 * k] for k in range(5)]
+    # from the second epoch of each stage on, once the batch has grown too (see the next test)
+    ratios = [plan.delta_ratios[40 * k + 1] for k in range(5)]
     for k in range(4):
         assert ratios[k + 1] / ratios[k] == pytest.approx(2**-0.5, rel=1e-12)
-        # constant within a stage
-        assert len(set(plan.delta_ratios[40 * k: 40 * (k + 1)])) == 1
+        # constant within a stage, after its first epoch
+        assert len(set(plan.delta_ratios[40 * k + 1: 40 * (k + 1)])) == 1
     assert ratios[0] == 1.0
-    lrs = [plan.lrs[40 * k] for k in range(5)]
-    bs = [plan.batch_sizes[40 * k] for k in range(5)]
+    lrs = [plan.lrs[40 * k + 1] for k in range(5)]
+    bs = [plan.batch_sizes[40 * k + 1] for k in range(5)]
     if mode == "lr":
         assert lrs == pytest.approx([0.1 * 2 ** (-k / 2) for k in range(5)], rel=1e-12)
         assert bs == [32] * 5
@@ -326,3 +327,45 @@ def test_step_schedules_of_the_seed(mode):
         G.step_schedule(0.1, 32, "cosine")
     with pytest.raises(ValueError, match=r"every must be > 0, got 0"):
         G.step_schedule(0.1, 32, mode, every=0)
+    with pytest.raises(ValueError, match=r"batch_delay must be an integer >= 0 \(epochs\)"):
+        G.step_schedule(0.1, 32, mode, batch_delay=-1)
+
+
+def authors_step_loop(lr0, b0, mode, epochs, every):
+    """The schedule of naoki-sato3/new-sigma-nice cifar.py, written out: torch's StepLR on a
+    real optimizer, stepped after each epoch, and the batch replaced after epoch e when
+    e % every == 0 and e != 0 (by int(b * factor)). Returns the (lr, b) of every epoch."""
+    kappa, lam = {"lr": (0.707106781186548, None), "batch": (None, 2),
+                  "hybrid": (0.866025403784439, 1.5)}[mode]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=every, gamma=kappa) if kappa else None
+    batch, used = b0, []
+    for epoch in range(epochs):
+        used.append((opt.param_groups[0]["lr"], batch))  # what this epoch trains with
+        opt.step()  # the epoch's training (no gradients here: nothing moves)
+        if sched is not None:
+            sched.step()
+        if lam is not None and epoch % every == 0 and epoch != 0:
+            batch = int(batch * lam)
+    return used
+
+
+@pytest.mark.parametrize("epochs,every", [(200, 40), (5, 1), (20, 4)])
+@pytest.mark.parametrize("mode", ["lr", "batch", "hybrid"])
+def test_step_schedules_follow_the_authors_loop(mode, epochs, every):
+    plan = G.step_schedule(0.1, 32, mode, epochs=epochs, every=every)
+    used = authors_step_loop(0.1, 32, mode, epochs, every)
+    assert plan.batch_sizes == [b for _, b in used]
+    # the code's factors are 1/sqrt(2) and sqrt(3)/2 to 15 digits
+    assert plan.lrs == pytest.approx([lr for lr, _ in used], rel=1e-13)
+    lr_changes = [e for e in range(1, epochs) if plan.lrs[e] != plan.lrs[e - 1]]
+    b_changes = [e for e in range(1, epochs) if plan.batch_sizes[e] != plan.batch_sizes[e - 1]]
+    stage_starts = list(range(every, epochs, every))  # 0-based: 40, 80, 120, 160
+    assert lr_changes == ([] if mode == "batch" else stage_starts)
+    assert b_changes == ([] if mode == "lr" else [e + 1 for e in stage_starts if e + 1 < epochs])
+    if (epochs, every) == (200, 40):  # pinned: lr at 40, 80, ..., b one epoch later
+        assert b_changes in ([], [41, 81, 121, 161]) and lr_changes in ([], [40, 80, 120, 160])
+    # batch_delay=0 grows the batch together with the learning-rate decay
+    now = G.step_schedule(0.1, 32, mode, epochs=epochs, every=every, batch_delay=0)
+    assert [e for e in range(1, epochs) if now.batch_sizes[e] != now.batch_sizes[e - 1]] == \
+        ([] if mode == "lr" else stage_starts)

@@ -123,8 +123,13 @@ def test_lab5_step_schedules_shrink_delta_by_one_over_sqrt2_per_stage(key, mode)
     reference = graduated.step_schedule(0.1, 32, mode, epochs=200, every=40)
     assert plan["lr"] == reference.lrs and plan["batch_size"] == reference.batch_sizes
     assert plan["delta_ratio"] == pytest.approx(reference.delta_ratios, rel=1e-12)
+    lag = 0 if mode == "lr" else 1  # the batch grows one epoch into a stage (authors' code)
     for e, r in enumerate(plan["delta_ratio"]):
-        assert r == pytest.approx(SQRT_HALF ** (e // 40), rel=1e-12)
+        if lag and e % 40 == 0 and e:  # first epoch of a stage: only the lr has changed
+            expected = SQRT_HALF ** (e // 40 - 1) * (1.0 if mode == "batch" else 3**0.5 / 2)
+        else:
+            expected = SQRT_HALF ** (max(e - lag, 0) // 40)
+        assert r == pytest.approx(expected, rel=1e-12)
     assert lab5.label(config) == lab5.schedule_label(key)
 
 
@@ -167,6 +172,7 @@ def test_lab5_stage_rows_are_the_seeds_schedules():
     rows = lab5.stage_rows()
     assert [(r["first_epoch"], r["last_epoch"]) for r in rows] == \
         [(1, 40), (41, 80), (81, 120), (121, 160), (161, 200)]
+    assert [r["batch_epoch"] for r in rows] == [None, 42, 82, 122, 162]
     assert [r["batch_step"]["batch_size"] for r in rows] == [32, 64, 128, 256, 512]
     assert [r["hybrid_step"]["batch_size"] for r in rows] == [32, 48, 72, 108, 162]
     assert [r["lr_step"]["batch_size"] for r in rows] == [32] * 5
@@ -188,8 +194,9 @@ def test_lab5_panel_rejects_invalid_knobs_with_a_message(tmp_path):
     assert "initial lr η₀ must be > 0; got -1.0" in panel.messages
     assert panel.status_text.startswith("not started")
     # A batch that doubles past the 512 training images of the smoke data: caught before
-    # anything trains, by the sweep's own check.
-    panel.set_values(schedules=("batch_step",), lr0=0.1, batch0=64)
+    # anything trains, by the sweep's own check (5 one-epoch stages; the batch grows in epochs
+    # 3, 4 and 5, as in the authors' code: 128 -> 1024).
+    panel.set_values(schedules=("batch_step",), lr0=0.1, batch0=128)
     panel.run_button.click()
     assert "batch size 1024 exceeds the 512 training images" in panel.messages
     assert not (tmp_path / "sweep").exists()
@@ -197,15 +204,17 @@ def test_lab5_panel_rejects_invalid_knobs_with_a_message(tmp_path):
 
 def test_lab5_smoke_sweep_history_and_figure(tmp_path):
     panel = lab5_panel(tmp_path / "sweep")
-    panel.set_values(schedules=("lr_step", "batch_step"), epochs=2)
+    panel.set_values(schedules=("lr_step", "batch_step"), epochs=3)
     result = panel.run()
     assert [p.status for p in result.points] == ["finished", "finished"]
     runs = lab5.run_table(panel.results)
     assert list(runs["schedule"]) == ["lr_step", "batch_step"]
     plans = lab5.epoch_plans(panel.history)
-    assert plans == {"lr_step": {"epoch": [1, 2], "lr": [0.1, pytest.approx(0.1 * SQRT_HALF)],
-                                 "batch_size": [32, 32]},
-                     "batch_step": {"epoch": [1, 2], "lr": [0.1, 0.1], "batch_size": [32, 64]}}
+    # one-epoch stages: the lr decays from epoch 2 on, the batch grows from epoch 3 on
+    assert plans == {"lr_step": {"epoch": [1, 2, 3], "batch_size": [32, 32, 32],
+                                 "lr": [0.1, pytest.approx(0.1 * SQRT_HALF), pytest.approx(0.05)]},
+                     "batch_step": {"epoch": [1, 2, 3], "lr": [0.1, 0.1, 0.1],
+                                    "batch_size": [32, 32, 64]}}
     # What the runs used is what the schedules say (the history's rows are what the notebook's
     # question 1 reads).
     hist = lab5.add_schedule(panel.history)

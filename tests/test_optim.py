@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from labkit import optim as lo
-from labkit.optim import NSHB, SGD, SHB, AdaGrad, AdamEta, Nesterov, RMSProp
+from labkit.optim import NSHB, SGD, SHB, AdaGrad, AdamEta, AdamEtaThesis, Nesterov, RMSProp
 from labkit.optim import _validation as val
 
 DT = torch.float64
@@ -26,7 +26,8 @@ SHAPES = [(3, 4), (5,), (), (2, 3, 2)]
 STEPS = 60
 SKIPPED = 3  # index of the tensor whose gradient is None every third step
 LR2 = {"sgd": 0.02, "shb": 0.01, "nshb": 0.05, "nesterov": 0.01, "adagrad": 0.05,
-       "rmsprop": 0.002, "adam": 0.003, "amsgrad": 0.003}
+       "rmsprop": 0.002, "adam": 0.003, "amsgrad": 0.003, "adam_thesis": 0.003,
+       "amsgrad_thesis": 0.003}
 LR1 = {k: 2.5 * v for k, v in LR2.items()}
 
 
@@ -78,6 +79,8 @@ def assert_same(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-12) -> None:
 def labkit_factory(name: str, wd: float, foreach: bool):
     extra = {"shb": {"beta": 0.8}, "nesterov": {"beta": 0.8}, "rmsprop": {"alpha": 0.9},
              "adam": {"beta1": 0.8, "beta2": 0.95}, "amsgrad": {"beta1": 0.8, "beta2": 0.95},
+             "adam_thesis": {"beta1": 0.8, "beta2": 0.95},
+             "amsgrad_thesis": {"beta1": 0.8, "beta2": 0.95},
              "adagrad": {"eps": 1e-10}}.get(name, {})
     return lambda ps: lo.build(name, groups(ps, LR2[name]), lr=LR1[name], weight_decay=wd,
                                foreach=foreach, **extra)
@@ -234,6 +237,99 @@ def test_torch_style_amsgrad_rescaled_is_seed_000_variant_3(eta, beta2):
     assert_same(ours, reference_trajectory(ref_variant_3, hp, steps=40, skip=False), 1e-10)
 
 
+# --- the power-eta thesis's (2) and (3), as written ------------------------------------------
+
+def ref_thesis_form(x, g, st, lr, beta1, beta2, eta, eps, form):
+    """Algorithm 3.1, X = R^d, with preconditioner (2) or (3), one coordinate-wise step.
+
+    n counts from 0 as in the thesis: mhat_n = m_n / (1 - beta1^(n+1)); (2) takes the running
+    max of vbar_n = v_n / (1 - beta2^(n+1)), (3) the running max of v_n itself; H_n =
+    diag(vhat_n^(1/eta)); x_{n+1} = x_n - lr H_n^{-1} mhat_n (+ eps on the diagonal)."""
+    n = st["n"] = st.get("n", -1) + 1
+    m = st["m"] = beta1 * st.get("m", torch.zeros_like(x)) + (1 - beta1) * g
+    v = st["v"] = beta2 * st.get("v", torch.zeros_like(x)) + (1 - beta2) * g.abs() ** eta
+    candidate = v / (1 - beta2 ** (n + 1)) if form == 2 else v
+    vhat = st["vhat"] = torch.maximum(st.get("vhat", torch.zeros_like(x)), candidate)
+    mhat = m / (1 - beta1 ** (n + 1))
+    return x - lr * mhat / (vhat ** (1 / eta) + eps)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("form", [2, 3])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+@pytest.mark.parametrize("eta", [1 / 3, 1 / 2, 1.0, 2.0, 3.0, 4.0])
+def test_thesis_forms_match_their_equations(eta, eps, form, foreach):
+    common = {"beta1": 0.8, "beta2": 0.95, "eta": eta, "eps": eps, "form": form}
+    ours, opt, params = trajectory(lambda ps: AdamEtaThesis(
+        groups(ps, 0.003, weight_decay=0.05), lr=0.01, betas=(0.8, 0.95), eta=eta, eps=eps,
+        amsgrad=form == 3, weight_decay=0.01, foreach=foreach))
+    hp = per_tensor({"lr": 0.01, "weight_decay": 0.01, **common},
+                    {"lr": 0.003, "weight_decay": 0.05, **common})
+    assert_same(ours, reference_trajectory(ref_thesis_form, hp), rtol=1e-11)
+    assert set(opt.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+
+
+def test_thesis_forms_are_built_by_name_and_differ_from_torch_style():
+    a = lo.build("adam_thesis", _p(), eta=3)
+    b = lo.build("amsgrad_thesis", _p(), beta2=0.99)
+    assert type(a) is type(b) is AdamEtaThesis
+    assert (a.param_groups[0]["amsgrad"], a.param_groups[0]["eta"]) == (False, 3.0)
+    assert (b.param_groups[0]["amsgrad"], b.param_groups[0]["betas"]) == (True, (0.9, 0.99))
+    assert lo.hyperparameters("adam_thesis") == {
+        "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eta": 2.0, "eps": 0.0,
+        "weight_decay": 0.0, "foreach": None}
+    # neither form is torch's Adam/AMSGrad at eta = 2, even without eps
+    for form, torch_style in (("adam_thesis", "adam"), ("amsgrad_thesis", "amsgrad")):
+        x, _, _ = trajectory(lambda ps, f=form: lo.build(f, groups(ps, 0.003), lr=0.01))
+        y, _, _ = trajectory(lambda ps, t=torch_style: lo.build(t, groups(ps, 0.003), lr=0.01,
+                                                                eps=0.0))
+        assert (x - y).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("eta", [0.5, 2.0, 3.0])
+def test_form_3_is_torch_style_amsgrad_with_the_warm_up_undone(eta):
+    """Docstring claim: (3) = AdamEta(amsgrad=True, eps=0) with lr * (1 - beta2^t)^(-1/eta)."""
+
+    def torch_style(ps):
+        opt = AdamEta(ps, lr=0.01, betas=(0.9, 0.9), eta=eta, eps=0.0, amsgrad=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: (1 - 0.9 ** (k + 1)) ** (-1 / eta))
+        return opt, sched.step
+
+    ours, _, _ = trajectory(lambda ps: AdamEtaThesis(ps, lr=0.01, betas=(0.9, 0.9), eta=eta,
+                                                     amsgrad=True), steps=40, skip=False)
+    ref, _, _ = trajectory(torch_style, steps=40, skip=False)
+    assert_same(ours, ref, 1e-10)
+
+
+def test_form_2_is_torch_style_adam_while_the_second_moment_grows():
+    """While every coordinate's bias-corrected second moment is non-decreasing (gradients that
+    grow in size), the running max of (2) is today's value: (2) = torch-style Adam (eps = 0)."""
+    x1, x2 = (torch.nn.Parameter(torch.zeros(5, dtype=DT)) for _ in range(2))
+    ours = AdamEtaThesis([x1], lr=0.01, betas=(0.9, 0.99), eta=3.0)
+    ref = AdamEta([x2], lr=0.01, betas=(0.9, 0.99), eta=3.0, eps=0.0)
+    signs = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0], dtype=DT)
+    for t in range(1, 30):
+        x1.grad = x2.grad = signs * 1.1**t * torch.arange(1, 6, dtype=DT)
+        ours.step()
+        ref.step()
+        assert_same(x1.detach(), x2.detach())
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("name", ["adam_thesis", "amsgrad_thesis"])
+def test_thesis_forms_leave_coordinates_without_gradient_in_place(name, foreach):
+    """eps = 0: a coordinate whose gradients have all been 0 has m = vhat = 0; it must not move
+    (0/0 would be NaN)."""
+    x = torch.nn.Parameter(torch.ones(3, dtype=torch.float32))
+    opt = lo.build(name, [x], lr=0.1, foreach=foreach)
+    for _ in range(3):
+        x.grad = torch.tensor([0.5, 0.0, -2.0])
+        opt.step()
+    x = x.detach()
+    assert torch.isfinite(x).all() and float(x[1]) == 1.0 and float(x[0]) < 1 < float(x[2])
+
+
 # --- NSHB, SHB and torch's dampening ---------------------------------------------------------
 
 def test_torch_dampening_differs_from_nshb_by_a_geometric_transient():
@@ -318,7 +414,7 @@ def test_params_without_gradient_are_skipped(name):
         opt.step()
     assert torch.equal(b.detach(), torch.ones(2, dtype=DT))
     assert len(opt.state[b]) == 0
-    if name in ("adagrad", "rmsprop", "adam", "amsgrad"):
+    if name in ("adagrad", "rmsprop", "adam", "amsgrad", "adam_thesis", "amsgrad_thesis"):
         assert opt.state[a]["step"] == 3
     assert (a.detach() < 1).all()
 
@@ -477,7 +573,8 @@ def test_add_param_group_validates(name, key, value, match):
 
 def test_build_unknown_name_lists_valid_names():
     with pytest.raises(ValueError, match="unknown optimizer 'adamw'; valid names: "
-                       "sgd, shb, nshb, nesterov, adagrad, rmsprop, adam, amsgrad"):
+                       "sgd, shb, nshb, nesterov, adagrad, rmsprop, adam, amsgrad, "
+                       "adam_thesis, amsgrad_thesis"):
         lo.build("adamw", _p(), lr=0.1)
     with pytest.raises(TypeError, match="optimizer name must be a str"):
         lo.build(SGD, _p(), lr=0.1)
@@ -514,7 +611,8 @@ def test_build_maps_names_and_flat_betas():
     with pytest.raises(ValueError, match=r"beta1 \(betas\[0\]\) must be in \[0, 1\), got 1\.1"):
         lo.build("adam", _p(), beta1=1.1)
     expected = {"sgd": SGD, "shb": SHB, "nshb": NSHB, "nesterov": Nesterov,
-                "adagrad": AdaGrad, "rmsprop": RMSProp, "adam": AdamEta, "amsgrad": AdamEta}
+                "adagrad": AdaGrad, "rmsprop": RMSProp, "adam": AdamEta, "amsgrad": AdamEta,
+                "adam_thesis": AdamEtaThesis, "amsgrad_thesis": AdamEtaThesis}
     for name, cls in expected.items():
         assert type(lo.build(name.upper(), _p(), lr=0.1)) is cls
     assert set(expected) == set(lo.OPTIMIZER_NAMES)
@@ -552,7 +650,8 @@ def test_hyperparameters_lists_defaults_that_build_accepts():
 def test_converges_on_a_quadratic(name):
     x = torch.nn.Parameter(torch.tensor([3.0, -2.0, 1.0], dtype=DT))
     scale = torch.tensor([1.0, 0.5, 2.0], dtype=DT)
-    lr = {"adagrad": 0.5, "rmsprop": 0.01, "adam": 0.05, "amsgrad": 0.05}.get(name, 0.1)
+    lr = {"adagrad": 0.5, "rmsprop": 0.01, "adam": 0.05, "amsgrad": 0.05, "adam_thesis": 0.05,
+          "amsgrad_thesis": 0.05}.get(name, 0.1)
     opt = lo.build(name, [x], lr=lr)
     for _ in range(400):
         x.grad = scale * x.detach()

@@ -120,6 +120,28 @@ def test_batch_step():
     assert all(isinstance(b, int) for b in sizes)
 
 
+def test_batch_step_delay_grows_the_batch_later():
+    """delay = 1: the growth of Sato & Iiduka's cifar.py, one epoch after the lr's StepLR."""
+    spec = {"kind": "step", "every": 40, "factor": 2.0, "delay": 1}
+    sizes = S.batch_sizes(spec, 32, 200)
+    assert [e for e in range(1, 200) if sizes[e] != sizes[e - 1]] == [41, 81, 121, 161]
+    assert [sizes[e] for e in (0, 40, 41, 80, 81, 199)] == [32, 32, 64, 64, 128, 512]
+    assert S.batch_sizes({**spec, "every": 1}, 2, 5) == [2, 2, 4, 8, 16]
+    assert S.batch_sizes({**spec, "delay": 3}, 32, 200)[42:45] == [32, 64, 64]
+    # delay is part of the normalized spec only when it is not 0: specs written before it
+    # existed keep their form (and run folders their hashes)
+    assert S.validate_batch_schedule(spec)["delay"] == 1
+    assert S.validate_batch_schedule(S.validate_batch_schedule(spec)) == \
+        S.validate_batch_schedule(spec)
+    assert "delay" not in S.validate_batch_schedule({**spec, "delay": 0})
+    assert S.validate_batch_schedule({"kind": "step"}) == {
+        "kind": "step", "every": 40, "factor": 2.0, "max": None}
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match=r"'delay' must be an integer >= 0 \(epochs\), got"):
+            S.validate_batch_schedule({**spec, "delay": bad})
+    assert S.describe(spec, of="batch") == "batch x 2 every 40 epochs (first at epoch 41, 0-based)"
+
+
 @pytest.mark.parametrize("M,p", [(4, 0.9), (4, 0.5), (9, 1.0)])
 def test_batch_poly_follows_lr_poly(M, p):
     """delta ~ lr / sqrt(b): growing b by 1/g_m^2 shrinks delta by exactly g_m."""

@@ -220,6 +220,58 @@ def test_profiles_and_identity():
         TrainConfig.from_dict({"learning_rate": 1})
 
 
+def test_rotation_default_follows_the_papers_recipe():
+    def rotate(**kw):
+        return TrainConfig(profile="smoke", **kw).resolved().rotate
+
+    assert rotate(dataset="cifar100") == 15.0  # Sato & Iiduka's RandomRotation(15)
+    assert rotate(dataset="cifar10") == 0.0
+    assert rotate(dataset="cifar100", augment=False) == 0.0
+    assert rotate(dataset="cifar100", rotate=0) == 0.0
+    assert rotate(dataset="cifar10", rotate=10) == 10.0
+    for bad in (-1, 181, math.inf, True, "15"):
+        with pytest.raises(ValueError, match=r"rotate must be None or a number of degrees in "
+                                             r"\[0, 180\]; got"):
+            rotate(rotate=bad)
+
+
+def test_hashes_of_configs_without_rotation_are_unchanged():
+    # config_hash values computed before labkit had the rotate field (commit 3b4bad0): sweep
+    # folders of runs that do not rotate keep their names, and their runs keep loading.
+    assert config_hash(TrainConfig(profile="smoke")) == "81305a41e0e3"
+    assert config_hash(TrainConfig(dataset="cifar100", augment=False, device="cpu")) == \
+        "fa3a6117e611"
+    assert config_hash(TrainConfig(dataset="cifar100", profile="smoke", rotate=0)) == \
+        "07cce45850e7"
+    # ... while a run that rotates is another experiment, with another hash.
+    assert config_hash(TrainConfig(dataset="cifar100", profile="smoke")) != "07cce45850e7"
+    # A config.json written before the field existed describes a run that did not rotate.
+    stored = TrainConfig(dataset="cifar100", profile="smoke", rotate=0).resolved().to_dict()
+    del stored["rotate"]
+    legacy = TrainConfig.from_dict(stored)
+    assert legacy.rotate == 0.0 and config_hash(legacy) == "07cce45850e7"
+    assert "rotate" not in legacy.identity()
+    assert TrainConfig(dataset="cifar100", profile="smoke").identity()["rotate"] == 15.0
+
+
+def test_training_rotates_only_when_asked(data_root, monkeypatch):
+    import labkit.data as lk_data
+
+    calls = []
+    original = lk_data.random_rotate
+
+    def spy(x, generator, degrees=15.0):
+        calls.append((x.shape[0], degrees))
+        return original(x, generator, degrees)
+
+    monkeypatch.setattr(lk_data, "random_rotate", spy)
+    plain = train(cfg(data_root, epochs=2), progress=False)  # CIFAR-10: no rotation
+    assert calls == [] and plain.config["rotate"] == 0.0
+    turned = train(cfg(data_root, epochs=2, rotate=15), progress=False)
+    assert calls == [(256, 15.0), (256, 15.0)]  # the whole training set, once per epoch
+    assert turned.metrics[-1]["train_loss"] != plain.metrics[-1]["train_loss"]
+
+
 def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

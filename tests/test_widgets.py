@@ -232,6 +232,29 @@ def test_experiment_panel_rejects_invalid_knobs(tmp_path, knobs, message):
         panel.plan()
 
 
+def test_lab1_offers_torch_style_and_the_thesis_forms_with_honest_labels():
+    import pandas as pd
+
+    values = {**lab1.defaults("smoke"), "profile": "smoke", "etas": (0.5,),
+              "optimizers": ("adam", "amsgrad", "adam_thesis", "amsgrad_thesis", "sgd")}
+    assert lab1.validate(values) == []
+    runs = lab1.grid(values)
+    assert [c.optimizer for c in runs] == list(values["optimizers"])
+    assert [lab1.label(c) for c in runs] == ["Adam η=1/2", "AMSGrad η=1/2", "(2) η=1/2",
+                                             "(3) η=1/2", "SGD lr=0.1"]
+    assert all(c.lr == 1e-3 and c.hparams["eta"] == 0.5 for c in runs[:4])
+    assert "torch-style" in lab1.OPTIMIZERS["adam"]
+    assert "(2), as the thesis writes it" in lab1.OPTIMIZERS["adam_thesis"]
+    history = pd.DataFrame([
+        {"run": c.optimizer, "optimizer": c.optimizer, "eta": c.hparams.get("eta"), "seed": 0,
+         "epoch": e, "test_acc": 0.1 * e, "status": "finished"} for c in runs for e in (1, 2)])
+    fig = lab1.figure(history)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["Adam, torch-style (cf. thesis Fig. 1)", "AMSGrad, torch-style (cf. Fig. 2)",
+                      "(2) as written (cf. thesis Fig. 1)", "(3) as written (cf. Fig. 2)",
+                      "other optimizers"]
+
+
 def test_missing_cifar_is_a_message_that_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_DATA", str(tmp_path / "empty"))
     panel = lab1_panel(tmp_path / "sweep")

@@ -378,6 +378,9 @@ def add_delta(results, c2: Mapping[str, float], k2: Mapping[str, float] | float 
 
 SHARPNESS_FILE = "sharpness.json"
 SPLITS = ("train", "test")
+#: How :func:`measure_sharpness` picks its images: the first ones of the split (the authors'
+#: code) or a fixed random subset.
+SELECTIONS = ("first", "random")
 
 
 def _run_folder(run: str | os.PathLike) -> Path:
@@ -442,9 +445,10 @@ def measure_sharpness(
     rho: float = 0.0002,
     norm: str = "linf",
     adaptive: bool = True,
-    n_batches: int = 4,
-    batch_size: int | None = None,
+    n_batches: int = 8,
+    batch_size: int | None = 128,
     split: str = "train",
+    selection: str = "first",
     n_iters: int = 20,
     seed: int = 0,
     device: str = "auto",
@@ -453,11 +457,20 @@ def measure_sharpness(
 ) -> float:
     """Adaptive sharpness of a run's last checkpoint (Sato & Iiduka (2024) §5.3; loss units).
 
-    Rebuilds the model from the run's ``config.json`` and ``checkpoint.pt``, draws
-    ``n_batches`` batches of ``batch_size`` (default: the run's batch size) images from
-    ``split`` with a fixed permutation (``seed``), normalizes them like training did, and calls
-    :func:`labkit.sharpness.adaptive_sharpness` with the mean cross-entropy. The default split
-    is ``train``: the seed defines the sharpness as an expectation over the training set S.
+    Rebuilds the model from the run's ``config.json`` and ``checkpoint.pt``, takes
+    ``n_batches`` batches of ``batch_size`` images of ``split``, normalized like training did
+    and not augmented, and calls :func:`labkit.sharpness.adaptive_sharpness` with the mean
+    cross-entropy (batch norm in eval mode). The default split is ``train``: the paper defines
+    the sharpness as an expectation over the training set S.
+
+    The defaults are the measurement of the authors' code (naoki-sato3/new-sigma-nice
+    ``sharpness/main.py``, lines 131-142 and 205-223, which call the loaders of
+    tml-epfl/sharpness-vs-generalization with ``shuffle=False``): the *first* 1024 training
+    images in file order (``selection="first"``), 8 batches of 128, rho = 0.0002, the l_inf
+    ball, adaptive, 20 iterations. (Their ``--adaptive`` switch is off by default; the paper
+    reports adaptive sharpness.) ``selection="random"`` takes a fixed random subset instead
+    (``seed``); ``batch_size=None`` uses the run's training batch size. The batch size matters:
+    the measure is an average of per-batch maxima, and smaller batches have larger maxima.
 
     The value is stored in ``<run>/sharpness.json`` under its settings and the number of
     epochs the checkpoint holds; ``cache=True`` returns a stored value for the same settings
@@ -477,6 +490,8 @@ def measure_sharpness(
     folder = _run_folder(run)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
     for name, value in (("n_batches", n_batches), ("n_iters", n_iters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
@@ -491,8 +506,9 @@ def measure_sharpness(
     epochs = _finished_epochs(folder, "sharpness")
     bs = batch_size or cfg.batch_size
     settings = {"rho": float(rho), "norm": norm, "adaptive": bool(adaptive),
-                "n_batches": n_batches, "batch_size": bs, "split": split, "n_iters": n_iters,
-                "seed": seed, "epochs": epochs}
+                "n_batches": n_batches, "batch_size": bs, "split": split,
+                "selection": selection, "n_iters": n_iters,
+                "seed": seed if selection == "random" else None, "epochs": epochs}
     store = folder / SHARPNESS_FILE
     records, found = _cached(store, settings, "sharpness")
     if cache and found is not None:
@@ -508,8 +524,11 @@ def measure_sharpness(
             f"n_batches * batch_size = {n_batches} * {bs} = {n_batches * bs} exceeds the {n} "
             f"images of the {split} split; lower n_batches or batch_size"
         )
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=gen)[: n_batches * bs].to(x.device)
+    if selection == "first":
+        idx = torch.arange(n_batches * bs, device=x.device)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(n, generator=gen)[: n_batches * bs].to(x.device)
     xs = lk_data.normalize(x[idx], data.mean, data.std)
     ys = y[idx]
     batches = [(xs[i * bs:(i + 1) * bs], ys[i * bs:(i + 1) * bs]) for i in range(n_batches)]

@@ -1,10 +1,12 @@
 """Lab 1, the optimizer zoo (``labs/lab1_optimizer_zoo.ipynb``): the panel's knobs, grid and figure.
 
 Reproduces the power-eta thesis Fig. 1-2: Adam-type and AMSGrad-type Algorithm 3.1 with the power
-eta in
-{1/3, 1/2, 1, 2, 3, 4} (:class:`labkit.optim.AdamEta`) on ResNet-44 / CIFAR-10, with SGD, SHB,
-NSHB, AdaGrad and RMSProp as optional baselines. Book: chapter 4 (adaptive methods, the power-eta
-thesis).
+eta in {1/3, 1/2, 1, 2, 3, 4} on ResNet-44 / CIFAR-10, in two versions: torch-style
+(:class:`labkit.optim.AdamEta`, exactly torch's Adam/AMSGrad at eta = 2; the default) and the
+thesis's preconditioners (2) and (3) as written (:class:`labkit.optim.AdamEtaThesis`), with SGD,
+SHB, NSHB, AdaGrad and RMSProp as optional baselines. The thesis's code is not published, so
+which version produced its figures is not known. Book: chapter 4 (adaptive methods, the
+power-eta thesis).
 
 The panel's interface is that of every lab that trains (:mod:`labkit.labs`): :func:`controls`,
 :func:`defaults`, :func:`validate`, :func:`grid` and :func:`label`; :func:`run_table` and
@@ -58,12 +60,17 @@ ETAS: tuple[float, ...] = (1 / 3, 1 / 2, 1.0, 2.0, 3.0, 4.0)
 #: The optimizers of the zoo, with their names in the panel.
 OPTIMIZERS: dict[str, str] = {
     "sgd": "SGD", "shb": "SHB (momentum)", "nshb": "NSHB", "adagrad": "AdaGrad",
-    "rmsprop": "RMSProp", "adam": "Adam-type (2)", "amsgrad": "AMSGrad-type (3)",
+    "rmsprop": "RMSProp", "adam": "Adam, power η (torch-style)",
+    "amsgrad": "AMSGrad, power η (torch-style)",
+    "adam_thesis": "Adam-type (2), as the thesis writes it",
+    "amsgrad_thesis": "AMSGrad-type (3), as the thesis writes it",
 }
-_ADAM_TYPE = ("adam", "amsgrad")
+_ADAM_TYPE = ("adam", "amsgrad", "adam_thesis", "amsgrad_thesis")
+# Short names in curve labels and figure titles.
+_SHORT = {"adam": "Adam", "amsgrad": "AMSGrad", "adam_thesis": "(2)", "amsgrad_thesis": "(3)"}
 # Learning rates: "lr" (the seed's alpha) for the methods that divide by a running mean of
 # squared gradients, "lr_sgd" for the plain-gradient methods and AdaGrad.
-_USES_ALPHA = ("rmsprop", "adam", "amsgrad")
+_USES_ALPHA = ("rmsprop", *_ADAM_TYPE)
 #: Reference accuracy for orientation (not the power-eta thesis's number: the seed gives curves
 #: only).
 REFERENCE = {"label": "He et al. 2016: ResNet-44 with SGD, 92.8%", "test_acc": 0.928}
@@ -131,7 +138,8 @@ def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
 
     CIFAR-10 with the profile's model (ResNet-44 in short/paper, the power-eta thesis's network;
     the tiny
-    CNN in smoke), no weight decay, the standard augmentation, beta2 = 0.999.
+    CNN in smoke), no weight decay, random crops and flips (no rotation: CIFAR-10), beta2 =
+    0.999.
     """
     runs = []
     for opt in values["optimizers"]:
@@ -151,9 +159,9 @@ def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
 
 
 def label(config: TrainConfig) -> str:
-    """``"Adam η=1/2"``, ``"SGD lr=0.1"``; `` s1`` etc. for seeds other than 0."""
-    name = {"adam": "Adam", "amsgrad": "AMSGrad"}.get(
-        config.optimizer, OPTIMIZERS.get(config.optimizer, config.optimizer))
+    """``"Adam η=1/2"`` (torch-style), ``"(2) η=1/2"`` (the thesis's form (2) as written),
+    ``"SGD lr=0.1"``; `` s1`` etc. for seeds other than 0."""
+    name = _SHORT.get(config.optimizer, OPTIMIZERS.get(config.optimizer, config.optimizer))
     if "eta" in config.hparams:
         text = f"{name} η={eta_label(config.hparams['eta'])}"
     else:
@@ -171,12 +179,12 @@ def run_table(results: Any) -> Any:
 
 
 def figure(history: Any, profile: str = "smoke") -> Any:
-    """Test accuracy per epoch, one panel per Adam-type / AMSGrad-type / other optimizers.
+    """Test accuracy per epoch, one panel per Adam-family optimizer run, one for the others.
 
-    Like the power-eta thesis's Fig. 1 (Adam-type, (2)) and Fig. 2 (AMSGrad-type, (3)): one line
-    per eta
-    (mean over seeds, band from min to max). Outside the smoke profile a dotted line marks
-    :data:`REFERENCE`. Returns the pyplot figure.
+    Like the power-eta thesis's Fig. 1 (Adam-type) and Fig. 2 (AMSGrad-type): one line per eta
+    (mean over seeds, band from min to max), in a panel for each of torch-style Adam and
+    AMSGrad and the thesis's (2) and (3) as written. Outside the smoke profile a dotted line
+    marks :data:`REFERENCE`. Returns the pyplot figure.
 
     Raises:
         ValueError: ``history`` has no epochs.
@@ -192,12 +200,20 @@ def figure(history: Any, profile: str = "smoke") -> Any:
     groups = [(opt, h) for opt, h in groups if len(h)]
     others = history[~history["optimizer"].isin(_ADAM_TYPE)]
     n = len(groups) + (1 if len(others) else 0)
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8), layout="constrained", squeeze=False)
-    titles = {"adam": "Adam-type (2), thesis Fig. 1", "amsgrad": "AMSGrad-type (3), Fig. 2"}
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), layout="constrained",
+                             squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    titles = {"adam": "Adam, torch-style (cf. thesis Fig. 1)",
+              "amsgrad": "AMSGrad, torch-style (cf. Fig. 2)",
+              "adam_thesis": "(2) as written (cf. thesis Fig. 1)",
+              "amsgrad_thesis": "(3) as written (cf. Fig. 2)"}
     panels = [(titles[opt], h, "eta") for opt, h in groups]
     if len(others):
         panels.append(("other optimizers", others, "optimizer"))
-    for ax, (title, h, by) in zip(axes[0], panels, strict=True):
+    for ax, (title, h, by) in zip(axes.ravel()[:n], panels, strict=True):
         plot_accuracy_curves(h, by=by, ax=ax)
         if profile != "smoke":
             ax.axhline(100 * REFERENCE["test_acc"], color="k", linestyle=":",

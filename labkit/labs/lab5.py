@@ -162,7 +162,8 @@ def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
 
     CIFAR-100 with the profile's model (ResNet-18 in short/paper, Sato & Iiduka's (2023) network;
     the tiny
-    CNN in smoke), plain SGD without momentum or weight decay, the standard augmentation.
+    CNN in smoke), plain SGD without momentum or weight decay, the augmentation of the authors'
+    code (crop, flip and a random rotation of up to 15 degrees: ``TrainConfig.rotate``).
 
     Raises:
         ValueError: invalid knobs (:func:`validate`'s messages).
@@ -314,9 +315,15 @@ def stage_rows(lr0: float = 0.1, batch0: int = 32, epochs: int = 200, every: int
     stages).
 
     One dict per stage m = 0, 1, ...: ``{"stage": m, "first_epoch": ..., "last_epoch": ...,
-    <key>: {"lr": ..., "batch_size": ..., "delta_ratio": ...}}`` for the keys ``lr_step``,
-    ``batch_step``, ``hybrid_step`` and ``poly`` (the polynomial decay with power ``p`` at the
-    stage's first epoch). Epochs are 1-based, as in the runs' metrics.
+    "batch_epoch": ..., <key>: {"lr": ..., "batch_size": ..., "delta_ratio": ...}}`` for the
+    keys ``lr_step``, ``batch_step``, ``hybrid_step`` and ``poly``. Epochs are 1-based, as in
+    the runs' metrics. ``first_epoch`` .. ``last_epoch`` is where the learning rate of the stage
+    holds. As in the authors' code (:func:`labkit.graduated.step_schedule`) the batch grows
+    one epoch after the learning rate decays, so the step schedules' values are given from
+    ``batch_epoch`` on, the stage's second epoch, where every change of the stage is made
+    (None for stage 0; for one-epoch stages it is the stage's only epoch, whose batch is
+    still the previous stage's). The polynomial decay (power ``p``) is given at the stage's
+    first epoch.
     """
     from labkit import graduated as G
 
@@ -325,14 +332,18 @@ def stage_rows(lr0: float = 0.1, batch0: int = 32, epochs: int = 200, every: int
                          f"epochs={epochs!r}, every={every!r}")
     plans = {key: G.step_schedule(lr0, batch0, mode, epochs=epochs, every=every)
              for key, mode in _STEP_MODES.items()}
-    plans["poly"] = G.poly_schedule(lr0, batch0, epochs - 1, p, mode="lr", epochs=epochs)
+    poly = G.poly_schedule(lr0, batch0, epochs - 1, p, mode="lr", epochs=epochs)
     rows = []
     for m, start in enumerate(range(0, epochs, every)):
-        row: dict[str, Any] = {"stage": m, "first_epoch": start + 1,
-                               "last_epoch": min(start + every, epochs)}
+        last = min(start + every, epochs) - 1  # 0-based
+        grown = min(start + 1, last) if m else start  # 0-based epoch of the stage's batch
+        row: dict[str, Any] = {"stage": m, "first_epoch": start + 1, "last_epoch": last + 1,
+                               "batch_epoch": grown + 1 if m else None}
         for key, s in plans.items():
-            row[key] = {"lr": s.lrs[start], "batch_size": s.batch_sizes[start],
-                        "delta_ratio": s.delta_ratios[start]}
+            row[key] = {"lr": s.lrs[grown], "batch_size": s.batch_sizes[grown],
+                        "delta_ratio": s.delta_ratios[grown]}
+        row["poly"] = {"lr": poly.lrs[start], "batch_size": poly.batch_sizes[start],
+                       "delta_ratio": poly.delta_ratios[start]}
         rows.append(row)
     return rows
 

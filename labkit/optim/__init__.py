@@ -2,7 +2,9 @@
 
 Book: chapter 3 (SGD and momentum: ``SGD``, ``SHB``, ``NSHB``, ``Nesterov``) and chapter 4
 (adaptive methods: ``AdaGrad``, ``RMSProp``, ``AdamEta`` = Adam/AMSGrad with the power eta
-of the power-eta thesis). Each class docstring states its update rule and the paper it comes from.
+of the power-eta thesis in torch's conventions, ``AdamEtaThesis`` = the thesis's preconditioners
+(2) and (3) as written). Each class docstring states its update rule and the paper it comes
+from.
 
 Every optimizer has a per-tensor path and a multi-tensor (``torch._foreach_*``) path,
 ``foreach=None`` picking like torch (multi-tensor on CUDA, per-tensor on CPU); supports
@@ -22,6 +24,7 @@ import torch
 
 from .adagrad import AdaGrad
 from .adam_eta import AdamEta
+from .adam_eta_thesis import AdamEtaThesis
 from .momentum import NSHB, SHB, Nesterov
 from .rmsprop import RMSProp
 from .sgd import SGD
@@ -34,6 +37,7 @@ __all__ = [
     "SHB",
     "AdaGrad",
     "AdamEta",
+    "AdamEtaThesis",
     "Nesterov",
     "RMSProp",
     "build",
@@ -71,7 +75,11 @@ _REGISTRY: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "rmsprop": (RMSProp, {}),
     "adam": (AdamEta, {"amsgrad": False}),
     "amsgrad": (AdamEta, {"amsgrad": True}),
+    # The power-eta thesis's preconditioners (2) and (3) as written (not torch's Adam/AMSGrad).
+    "adam_thesis": (AdamEtaThesis, {"amsgrad": False}),
+    "amsgrad_thesis": (AdamEtaThesis, {"amsgrad": True}),
 }
+_ADAM_FAMILY = (AdamEta, AdamEtaThesis)
 
 #: The names ``build`` accepts, in the order of the book (chapter 3, then chapter 4).
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -91,8 +99,9 @@ def _lookup(name: object) -> str:
 def hyperparameters(name: str) -> dict[str, object]:
     """The hyperparameters ``build(name, ...)`` accepts, mapped to their defaults.
 
-    A value of ``REQUIRED`` means there is no default (``lr`` for all but adam/amsgrad).
-    ``foreach`` defaults to None (torch's rule). For adam/amsgrad the betas appear flat,
+    A value of ``REQUIRED`` means there is no default (``lr`` for all but the Adam family:
+    adam, amsgrad, adam_thesis, amsgrad_thesis).
+    ``foreach`` defaults to None (torch's rule). For the Adam family the betas appear flat,
     as ``beta1`` and ``beta2`` (``build`` also takes ``betas=(beta1, beta2)``). Scalar
     hyperparameters are floats. A new dict is returned each call.
     """
@@ -116,18 +125,20 @@ def build(name: str, params: Any, **hparams: Any) -> torch.optim.Optimizer:
     """Make the optimizer called ``name`` (one of ``OPTIMIZER_NAMES``) over ``params``.
 
     ``hparams`` are passed to the class; unknown ones raise ``ValueError`` listing the
-    accepted ones (see ``hyperparameters``). ``lr`` is required except for adam/amsgrad
-    (default 1e-3). For adam/amsgrad, ``beta1``/``beta2`` may replace ``betas``.
+    accepted ones (see ``hyperparameters``). ``lr`` is required except for the Adam family
+    (default 1e-3). For the Adam family, ``beta1``/``beta2`` may replace ``betas``. ``adam`` and
+    ``amsgrad`` are :class:`AdamEta` (torch's conventions); ``adam_thesis`` and
+    ``amsgrad_thesis`` are :class:`AdamEtaThesis`, the power-eta thesis's (2) and (3).
 
     Example: ``build("adam", model.parameters(), lr=1e-3, eta=3, beta2=0.99)``.
     """
     key = _lookup(name)
     cls, fixed = _REGISTRY[key]
     accepted = hyperparameters(key)
-    allowed = set(accepted) | ({"betas"} if cls is AdamEta else set())
+    allowed = set(accepted) | ({"betas"} if cls in _ADAM_FAMILY else set())
     unknown = sorted(set(hparams) - allowed)
     if unknown:
-        listed = ", ".join(accepted) + (", betas" if cls is AdamEta else "")
+        listed = ", ".join(accepted) + (", betas" if cls in _ADAM_FAMILY else "")
         raise ValueError(
             f"unknown hyperparameter{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(repr(u) for u in unknown)} for optimizer {key!r}; accepted: {listed}"
@@ -138,7 +149,7 @@ def build(name: str, params: Any, **hparams: Any) -> torch.optim.Optimizer:
             f"optimizer {key!r} needs a learning rate: pass lr=<finite number > 0> "
             "(it has no default)"
         )
-    if cls is AdamEta:
+    if cls in _ADAM_FAMILY:
         flat = {k: kwargs.pop(k) for k in ("beta1", "beta2") if k in kwargs}
         if flat:
             if "betas" in kwargs:

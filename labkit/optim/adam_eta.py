@@ -180,6 +180,9 @@ class AdamEta(ValidatedOptimizer):
     * beta2 = 0: no bias correction, v_t = |g_t|^eta, and torch AMSGrad, (2) and (3) all
       reduce to h_t = max_{s <= t} |g_s|.
 
+    :class:`labkit.optim.AdamEtaThesis` implements (2) and (3) as written (``build`` names
+    ``adam_thesis`` and ``amsgrad_thesis``).
+
     Args:
         params: tensors or param groups (dicts).
         lr: learning rate, finite and > 0 (default 1e-3).
