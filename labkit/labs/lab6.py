@@ -154,7 +154,7 @@ def validate(values: Mapping[str, Any]) -> list[str]:
         msgs.append(f"C² source must be one of {', '.join(C2_SOURCES)}; got "
                     f"{values.get('c2_source')!r}")
     if not is_positive(values.get("rho")):
-        msgs.append("sharpness radius ρ must be > 0 (Sato & Iiduka (2024): 0.0002); "
+        msgs.append("sharpness radius ρ must be > 0 (Sato & Iiduka 2024: 0.0002); "
                     f"got {values.get('rho')}")
     if values.get("norm") not in ("linf", "l2"):
         msgs.append(f"sharpness ball must be 'linf' or 'l2'; got {values.get('norm')!r}")
