@@ -24,14 +24,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from labkit.experiments.sweep import (
+from labkit.store import (
     INDEX_FILE,
     RUNS_FOLDER,
-    _disk_state,
-    _read_jsonl,
+    atomic_write_json,
+    read_index,
+    read_jsonl,
+    run_state,
     summarize_metrics,
 )
-from labkit.train import TrainConfig, atomic_write_json
+from labkit.train import TrainConfig
 
 __all__ = [
     "CONFIG_COLUMNS",
@@ -86,12 +88,8 @@ def _entries(folder: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"results folder {folder} does not exist")
-    index = folder / INDEX_FILE
-    if index.exists():
-        try:
-            points = json.loads(index.read_text())["points"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a labkit sweep index ({e})") from e
+    if (folder / INDEX_FILE).exists():
+        points = read_index(folder)
         return sorted(points.items(), key=lambda kv: kv[1].get("order", 0))
     if (folder / RUNS_FOLDER).is_dir():
         run_folders = sorted(p for p in (folder / RUNS_FOLDER).iterdir()
@@ -111,7 +109,7 @@ def _entries(folder: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
             identity = cfg.identity()
         except (ValueError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{run / 'config.json'} is not a valid labkit run config: {e}") from e
-        status, metrics = _disk_state(run)
+        status, metrics = run_state(run)
         entry = {"order": order, "config": identity, "status": status, "error": None,
                  "folder": os.path.relpath(run, base)}
         entry.update(summarize_metrics(metrics))
@@ -227,7 +225,7 @@ def load_history(folder: str | os.PathLike):
         else folder.parent
     rows = []
     for (_, e), cfg_row in zip(entries, cfg_rows, strict=True):
-        for m in _read_jsonl(base / e["folder"] / "metrics.jsonl"):
+        for m in read_jsonl(base / e["folder"] / "metrics.jsonl"):
             row = dict(cfg_row)
             row.update({k: m.get(k) for k in HISTORY_COLUMNS})
             row["epoch_lr"] = m.get("lr")
@@ -393,7 +391,7 @@ def _run_folder(run: str | os.PathLike) -> Path:
 
 def _finished_epochs(folder: Path, what: str) -> int:
     """Epochs the run's checkpoint holds; a diverged run has no weights worth measuring."""
-    status, metrics = _disk_state(folder)
+    status, metrics = run_state(folder)
     if status == "diverged":
         raise ValueError(f"the run in {folder} diverged (non-finite loss): its weights have no "
                          f"meaningful {what}")
