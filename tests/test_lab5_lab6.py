@@ -247,7 +247,7 @@ def test_lab6_defaults_are_valid(profile):
     ({"epochs": 0}, "epochs must be an integer >= 1; got 0"),
     ({"n_iters": 0}, "sharpness ascent steps must be an integer >= 1; got 0"),
     ({"c2_source": "guess"}, "C² source must be one of paper, measured; got 'guess'"),
-    ({"rho": 0.0}, "sharpness radius ρ must be > 0 (Sato & Iiduka (2024): 0.0002); got 0.0"),
+    ({"rho": 0.0}, "sharpness radius ρ must be > 0 (Sato & Iiduka 2024: 0.0002); got 0.0"),
     ({"norm": "l1"}, "sharpness ball must be 'linf' or 'l2'; got 'l1'"),
     ({"n_batches": 9, "sharpness_batch_size": 64},
      "sharpness batches × batch size = 9 × 64 = 576 exceeds the 512 training images"),
