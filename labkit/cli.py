@@ -10,7 +10,7 @@ Examples::
     labkit critical --optimizer shb --lr 0.1 --beta 0.9 --eps 0.5 --sfo 512:2.1e6 1024:1.9e6
     labkit critical --results runs/sfo-sweep --eps 0.5
     labkit critical measure --dataset cifar100 --optimizer shb --lr 0.1 --set beta=0.9 \\
-        --eps 0.5 --min-epochs 10 --batch-sizes 8 16 32 64 128 256 512 1024 --out runs/sfo-shb
+        --eps 0.5 --batch-sizes 8 16 32 64 128 256 512 1024 --out runs/sfo-shb
     labkit sharpness runs/smoke --rho 0.0002
     labkit grade submitted/ --lab labs/lab3_critical_batch.ipynb --out gradebook.csv
     labkit info
@@ -25,7 +25,7 @@ import argparse
 import json
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,11 +244,12 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
         description="Compute the critical batch size b* = argmin_b SFO(b) and, by Theorem 4.4 "
         "of Sato & Iiduka (arXiv:2402.02325) read backwards, the upper bound on the "
         "stochastic-gradient variance C^2. The SFO complexities come from --sfo (measured "
-        "elsewhere), from --results, a sweep folder whose runs recorded gradient norms (there "
-        "T is the first epoch end at which the running mean of the mini-batch gradient norm is "
-        "<= eps: an upper bound on the step-exact T by less than one epoch; SFO = T b averaged "
-        "over seeds; runs grouped by optimizer, lr and beta), or from `labkit critical measure "
-        "...`, which trains one run per batch size and stops each at the exact step T.",
+        "elsewhere) or from --results, a sweep folder (labkit sweep, a lab panel, labkit "
+        "critical measure): there T is, for each run, the first step whose running mean of the "
+        "mini-batch gradient norms of all steps so far is <= eps, tested after --skip-epochs "
+        "whole epochs (the authors' code: 11), exact to the step from the run's per-step log; "
+        "SFO = T b averaged over seeds; runs grouped by optimizer, lr and beta. `labkit "
+        "critical measure ...` trains the runs (labkit.experiments.sfo).",
     )
     # One of --sfo / --results, or the `measure` subcommand: checked in _cmd_critical.
     src = c.add_mutually_exclusive_group()
@@ -264,8 +265,9 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
                    help="required with --sfo; with --results, keep only this learning rate")
     c.add_argument("--beta", type=_float, default=None,
                    help="momentum (required with --sfo for shb and nshb)")
-    c.add_argument("--min-epochs", type=int, default=0,
-                   help="with --results: apply the stopping test from this epoch on (default 0)")
+    c.add_argument("--skip-epochs", type=int, default=None,
+                   help="with --results: whole epochs the stopping test skips (default 11, the "
+                   "authors' code: it tests from the first step of epoch 12)")
     c.set_defaults(subparser=c, critical_command=None)
     _add_critical_measure_parser(c, profiles)
 
@@ -440,9 +442,10 @@ def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[str]) -> None:
     """``labkit critical measure``: train one run per batch size and measure T and T b."""
-    from labkit.critical import CRITERIA
+    from labkit.experiments.sfo import AUTHORS_SKIP_EPOCHS
     from labkit.models import MODEL_NAMES
     from labkit.optim import OPTIMIZER_NAMES
+    from labkit.precision import MEASUREMENT_PRECISION
     from labkit.train import DATASETS
 
     sub = c.add_subparsers(dest="critical_command", metavar="measure", title="measuring",
@@ -450,18 +453,17 @@ def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[
     m = sub.add_parser(
         "measure",
         help="measure the SFO complexity T b per batch size by training, then b* and C^2",
-        description="Train one run per batch size (in OUT/runs/b<b>) and stop it at the first "
-        "step T at which the stopping test passes, T exact to the step; print T, SFO = T b, "
-        "the critical batch size b* = argmin_b T b and the C^2 bound of Theorem 4.4 (Sato & "
-        "Iiduka, arXiv:2402.02325, §4.3; the paper: --dataset cifar100 --optimizer shb --lr 0.1 "
-        "--set beta=0.9 --eps 0.5 --batch-sizes 8 16 ... 8192). Criteria: minibatch (default, "
-        "the authors'): the running mean of the mini-batch gradient norms of steps 1..t is <= "
-        "eps (the authors' code tests after 10 epochs: --min-epochs 10); full: the norm of the "
-        "gradient over the whole training set is <= eps, tested every --check-every steps "
-        "(default once per epoch; each test costs about one epoch of training). A batch size "
-        "that does not reach eps within --max-epochs, or diverges, gets SFO = inf. Each "
-        "finished batch size is saved in OUT/sfo-b<b>.json: re-running the same command "
-        "resumes and retrains nothing.",
+        description="Train one run per batch size (in OUT/runs/b<b>, in fp32 with TF32 off "
+        "unless --precision says otherwise) until its stopping test has passed; print T, "
+        "SFO = T b, the critical batch size b* = argmin_b T b and the C^2 bound of Theorem 4.4 "
+        "(Sato & Iiduka, arXiv:2402.02325, §4.3; the paper: --dataset cifar100 --optimizer shb "
+        "--lr 0.1 --set beta=0.9 --eps 0.5 --batch-sizes 8 16 ... 8192). The test, as in the "
+        "authors' code: T is the first step whose running mean of the mini-batch gradient "
+        "norms of all steps so far is <= eps, tested after --skip-epochs whole epochs (default "
+        "11: from the first step of epoch 12); exact to the step, from each run's per-step log. "
+        "A batch size that does not reach eps within --max-epochs, or diverges, gets SFO = inf. "
+        "Re-running the same command trains nothing new and resumes interrupted runs; another "
+        "--eps trains only the runs that stopped before reaching it.",
     )
     m.add_argument("--dataset", choices=DATASETS, default="cifar100",
                    help="default cifar100 (the seed's experiment)")
@@ -477,19 +479,16 @@ def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[
                    help="the threshold of the stopping test, a gradient norm (the paper: 0.5)")
     m.add_argument("--batch-sizes", nargs="+", type=_positive_int, required=True, metavar="B",
                    help="the grid, e.g. 8 16 32 64 128 256 512 1024 2048 4096 8192")
-    m.add_argument("--criterion", choices=CRITERIA, default=CRITERIA[0],
-                   help="minibatch (default, the authors') or full (see above)")
-    m.add_argument("--min-epochs", type=int, default=0,
-                   help="apply the test from the end of this epoch on (default 0; the "
-                   "authors' code: 10)")
+    m.add_argument("--skip-epochs", type=int, default=AUTHORS_SKIP_EPOCHS,
+                   help=f"whole epochs the stopping test skips (default {AUTHORS_SKIP_EPOCHS}, "
+                   "the authors' code; must be below --max-epochs)")
     m.add_argument("--max-epochs", type=_positive_int, default=None,
                    help="give up on a batch size after this many epochs (default: the "
                    "profile's epochs)")
-    m.add_argument("--check-every", type=_positive_int, default=None, metavar="STEPS",
-                   help="with --criterion full: steps between tests (default: once per epoch)")
     add_run_options(m, profiles)
+    m.set_defaults(precision=MEASUREMENT_PRECISION)
     m.add_argument("--out", required=True, metavar="DIR",
-                   help="measurement folder (sfo-b<b>.json per batch size, runs/b<b>/)")
+                   help="measurement folder (a run folder runs/b<b> per batch size)")
     m.add_argument("--quiet", action="store_true", help="no per-batch-size lines")
     m.set_defaults(subparser=m, critical_command="measure")
 
@@ -708,56 +707,30 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0 if result.complete else 3
 
 
-def _critical_group(optimizer: str, lr: float, beta: float | None, eps: float,
-                    sfo: dict[int, float]) -> dict[str, Any]:
+def _print_curve(curve: Any) -> None:
+    """The SFO table, b* and the C^2 bound of an :class:`labkit.experiments.sfo.SFOCurve`."""
     import math
 
-    from labkit.critical import OPTIMIZERS, c2_upper_bound, critical_batch_size
-
-    b_star = critical_batch_size(sfo)
-    c2 = None
-    if optimizer in OPTIMIZERS:
-        c2 = c2_upper_bound(optimizer, critical_batch_size=b_star, lr=lr, eps=eps,
-                            beta=None if optimizer == "sgd" else beta)
-    reached = sorted(b for b, v in sfo.items() if math.isfinite(v))
-    note = None
-    if len(reached) == 1:
-        note = (f"only batch size {b_star} reached eps: b* is not located by a minimum; "
-                "measure more batch sizes")
-    elif b_star in (reached[0], reached[-1]):
-        note = (f"b* is at the edge of the batch sizes that reached eps ({reached[0]} to "
-                f"{reached[-1]}): the minimum may lie beyond; measure further batch sizes")
-    if c2 is None:
-        theorem = (f"Theorem 4.4 covers {', '.join(OPTIMIZERS)} only: no C^2 bound for "
-                   f"{optimizer}")
-        note = theorem if note is None else f"{note}; {theorem}"
-    return {"optimizer": optimizer, "lr": lr, "beta": None if optimizer == "sgd" else beta,
-            "note": note,
-            "eps": eps,
-            "sfo": {str(b): (v if math.isfinite(v) else None) for b, v in sorted(sfo.items())},
-            "critical_batch_size": b_star, "c2_upper_bound": c2}
-
-
-def _print_critical(g: dict[str, Any]) -> None:
-    beta = "" if g["beta"] is None else f"  beta {g['beta']:g}"
-    print(f"optimizer {g['optimizer']}  lr {g['lr']:g}{beta}  eps {g['eps']:g}")
-    for b, v in g["sfo"].items():
-        print(f"  b = {b:>6}  SFO {v:.4g}" if v is not None
+    beta = "" if curve.beta is None else f"  beta {curve.beta:g}"
+    print(f"optimizer {curve.optimizer}  lr {curve.lr:g}{beta}  eps {curve.eps:g}")
+    for b, v in sorted(curve.sfo.items()):
+        print(f"  b = {b:>6}  SFO {v:.4g}" if math.isfinite(v)
               else f"  b = {b:>6}  did not reach eps")
-    _print_b_star(g)
+    _print_b_star(curve)
 
 
-def _print_b_star(g: dict[str, Any]) -> None:
+def _print_b_star(curve: Any) -> None:
     import math
 
-    b = g["critical_batch_size"]
-    log2 = math.log2(b)
-    power = f" (2^{int(log2)})" if log2 == int(log2) else ""
-    print(f"critical batch size b* = {b}{power}")
-    if g["c2_upper_bound"] is not None:
-        print(f"C^2 < {g['c2_upper_bound']:.6g}  (Theorem 4.4)")
-    if g["note"]:
-        print(f"note: {g['note']}")
+    b = curve.critical_batch_size
+    if b is not None:
+        log2 = math.log2(b)
+        power = f" (2^{int(log2)})" if log2 == int(log2) else ""
+        print(f"critical batch size b* = {b}{power}")
+    if curve.c2_upper_bound is not None:
+        print(f"C^2 < {curve.c2_upper_bound:.6g}  (Theorem 4.4)")
+    if curve.note:
+        print(f"note: {curve.note}")
 
 
 def _cmd_critical(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -774,6 +747,8 @@ def _cmd_critical(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--eps must be a positive finite number; got {args.eps}")
     if args.beta is not None and not 0 <= args.beta < 1:
         parser.error(f"--beta must be in [0, 1); got {args.beta}")
+    from labkit.experiments.sfo import AUTHORS_SKIP_EPOCHS, SFOCurve, sfo_curves, sfo_of_sweep
+
     if args.sfo is not None:
         if args.optimizer is None or args.lr is None:
             parser.error("--sfo needs --optimizer and --lr (and --beta for shb and nshb)")
@@ -784,88 +759,71 @@ def _cmd_critical(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             if b in sfo:
                 parser.error(f"--sfo gives batch size {b} twice")
             sfo[b] = v
-        try:
-            group = _critical_group(args.optimizer, args.lr, args.beta, args.eps, sfo)
-        except ValueError as e:
-            parser.error(str(e))
-        _print_critical(group)
-        print(json.dumps(group, sort_keys=True))
+        curve = SFOCurve(args.optimizer, args.lr, None if args.optimizer == "sgd" else args.beta,
+                         args.eps, sfo)
+        if curve.critical_batch_size is None:
+            parser.error(f"no batch size reached the threshold: every SFO value is inf "
+                         f"(batch sizes {sorted(sfo)})")
+        _print_curve(curve)
+        print(json.dumps(curve.to_dict(), sort_keys=True))
         return 0
 
-    from labkit.critical import OPTIMIZERS, sfo_table
-    from labkit.experiments.results import load_history, sfo_from_history
-    from labkit.optim import hyperparameters
-
-    if args.min_epochs < 0:
-        parser.error(f"--min-epochs must be >= 0; got {args.min_epochs}")
+    skip = AUTHORS_SKIP_EPOCHS if args.skip_epochs is None else args.skip_epochs
+    if skip < 0:
+        parser.error(f"--skip-epochs must be >= 0; got {skip}")
     try:
-        table = sfo_from_history(load_history(args.results), args.eps,
-                                 min_epochs=args.min_epochs)
+        runs = sfo_of_sweep(args.results, args.eps, skip_epochs=skip)
     except (FileNotFoundError, ValueError) as e:
         print(f"labkit critical: error: {e}", file=sys.stderr)
         return 1
-    if table.empty:
+    if int(runs["epochs_completed"].sum()) == 0:
         print(f"labkit critical: error: {args.results} holds no trained epochs", file=sys.stderr)
         return 1
-    # A run still in progress that has not reached eps yet says nothing about its T.
-    table = table[table["reached"] | table["status"].isin(["finished", "diverged"])]
-    table = table[table["optimizer"].isin(OPTIMIZERS)]
+    runs = runs[runs["optimizer"].isin(["sgd", "shb", "nshb"])]
     if args.optimizer is not None:
-        table = table[table["optimizer"] == args.optimizer]
+        runs = runs[runs["optimizer"] == args.optimizer]
     if args.lr is not None:
-        table = table[table["lr"] == args.lr]
-    if args.beta is not None and "beta" in table.columns:
-        table = table[table["beta"] == args.beta]
-    if table.empty:
+        runs = runs[runs["lr"] == args.lr]
+    if args.beta is not None:
+        runs = runs[runs["beta"] == args.beta]
+    curves = sfo_curves(runs)
+    if not curves:
         print(f"labkit critical: error: no finished sgd/shb/nshb runs in {args.results} match "
               "the filters", file=sys.stderr)
         return 1
-    # (optimizer, lr, beta) -> batch size -> steps T of each run (None: never reached eps).
-    grouped: dict[tuple[str, float, float | None], dict[int, list[int | None]]] = {}
-    for _, r in table.iterrows():
-        opt = r["optimizer"]
-        beta = r.get("beta")
-        if opt == "sgd":
-            beta = None
-        elif beta is None or beta != beta:  # no beta column value: the optimizer's default
-            beta = hyperparameters(opt)["beta"]
-        key = (opt, float(r["lr"]), None if beta is None else float(beta))
-        grouped.setdefault(key, {}).setdefault(int(r["batch_size"]), []).append(
-            int(r["steps"]) if r["reached"] else None
-        )
-    groups = []
     code = 0
-    for (opt, lr, beta), steps in sorted(grouped.items(),
-                                         key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0.0)):
-        try:
-            group = _critical_group(opt, lr, beta, args.eps, sfo_table(steps))
-        except ValueError as e:
-            print(f"optimizer {opt}  lr {lr:g}: {e}")
+    for curve in curves:
+        _print_curve(curve)
+        if curve.critical_batch_size is None:
             code = 1
-            continue
-        _print_critical(group)
-        groups.append(group)
-    print(json.dumps({"groups": groups}, sort_keys=True))
+            epochs = int(runs["epochs_completed"].max())
+            if skip >= epochs:
+                print(f"  (the runs have at most {epochs} epochs and the test skips {skip}: "
+                      "pass a smaller --skip-epochs)")
+    print(json.dumps({"skip_epochs": skip, "groups": [c.to_dict() for c in curves]},
+                     sort_keys=True))
     return code
 
 
-def _sfo_line(r: Any, max_epochs: int) -> str:
+def _sfo_line(r: Mapping[str, Any], loaded: bool, max_epochs: int) -> str:
     """One row of the `labkit critical measure` table."""
-    how = " (saved)" if r.loaded else ""
-    if r.reached:
-        return (f"  b = {r.batch_size:>6}  T = {r.steps:>8}  SFO = {r.sfo:<10.6g}  "
-                f"{r.epochs} epoch(s), test value {r.value:.4g}{how}")
-    if r.diverged:
-        return f"  b = {r.batch_size:>6}  diverged after {r.steps_run} steps: SFO = inf{how}"
-    return (f"  b = {r.batch_size:>6}  did not reach eps within {max_epochs} epochs "
-            f"(last test value {r.value:.4g}): SFO = inf{how}")
+    how = " (saved)" if loaded else ""
+    b = r["batch_size"]
+    if r["reached"]:
+        return (f"  b = {b:>6}  T = {int(r['steps']):>8}  SFO = {r['sfo']:<10.6g}  "
+                f"{r['epochs_completed']} epoch(s), running mean {r['final_mean']:.4g} at the "
+                f"end{how}")
+    if r["status"] == "diverged":
+        return f"  b = {b:>6}  diverged after {r['epochs_completed']} epoch(s): SFO = inf{how}"
+    return (f"  b = {b:>6}  did not reach eps within {max_epochs} epochs "
+            f"(lowest running mean {r['lowest_mean']:.4g}): SFO = inf{how}")
 
 
 def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import math
 
-    from labkit.critical import measure_sfo
     from labkit.data import DatasetError
+    from labkit.experiments.sfo import measure_sfo, sfo_curves
     from labkit.train import TrainConfig
 
     # Options of the formula mode given before `measure`.
@@ -876,11 +834,8 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
                          f"{hint}")
     if not (args.eps > 0 and math.isfinite(args.eps)):
         parser.error(f"--eps must be a positive finite number; got {args.eps}")
-    if args.min_epochs < 0:
-        parser.error(f"--min-epochs must be >= 0; got {args.min_epochs}")
-    if args.check_every is not None and args.criterion != "full":
-        parser.error("--check-every applies to --criterion full only (the minibatch test is "
-                     "applied at every step)")
+    if args.skip_epochs < 0:
+        parser.error(f"--skip-epochs must be >= 0; got {args.skip_epochs}")
     hparams = _hparams(args, parser)
     config = TrainConfig(
         dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
@@ -892,9 +847,9 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
     max_epochs = args.max_epochs
     quiet = args.quiet
 
-    def report(r: Any) -> None:
+    def report(row: Mapping[str, Any], loaded: bool) -> None:
         if not quiet:
-            print(_sfo_line(r, max_epochs), flush=True)
+            print(_sfo_line(row, loaded, max_epochs), flush=True)
 
     try:
         config = config.resolved()
@@ -903,13 +858,12 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
         if not quiet:
             print(f"SFO complexity T b: {config.optimizer} lr {config.lr:g}"
                   + "".join(f" {k}={v}" for k, v in sorted(hparams.items()))
-                  + f" on {config.dataset} ({config.model}), eps {args.eps:g}, criterion "
-                  f"{args.criterion}, min_epochs {args.min_epochs}, max_epochs {max_epochs}",
-                  flush=True)
-        result = measure_sfo(
-            config, args.batch_sizes, args.eps, criterion=args.criterion,
-            min_epochs=args.min_epochs, max_epochs=max_epochs, check_every=args.check_every,
-            out=args.out, progress=sys.stderr.isatty() and not quiet, on_record=report,
+                  + f" on {config.dataset} ({config.model}, {config.precision}), eps "
+                  f"{args.eps:g}, the test skips {args.skip_epochs} epoch(s), max_epochs "
+                  f"{max_epochs}", flush=True)
+        runs = measure_sfo(
+            config, args.batch_sizes, args.eps, out=args.out, skip_epochs=args.skip_epochs,
+            max_epochs=max_epochs, progress=sys.stderr.isatty() and not quiet, on_run=report,
         )
     except KeyboardInterrupt:
         print(f"labkit critical measure: interrupted; run the same command again to resume "
@@ -921,33 +875,36 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
     except (ValueError, TypeError) as e:
         parser.error(str(e))
 
+    (curve,) = sfo_curves(runs) or [None]
     summary: dict[str, Any] = {
-        "criterion": result.criterion, "min_epochs": result.min_epochs,
-        "max_epochs": result.max_epochs, "check_every": result.check_every, "out": result.out,
-        "records": [r.to_dict() for r in result.records],
+        "skip_epochs": args.skip_epochs, "max_epochs": max_epochs, "out": args.out,
+        "precision": config.precision,
+        "runs": [{"batch_size": int(r["batch_size"]), "steps": None if not r["reached"]
+                  else int(r["steps"]), "reached": bool(r["reached"]), "status": r["status"],
+                  "epochs": int(r["epochs_completed"])} for _, r in runs.iterrows()],
     }
-    opt = config.optimizer
-    beta = None if opt == "sgd" else result.beta()
-    try:
-        group = _critical_group(opt, config.lr, beta, args.eps, result.table())
-    except ValueError as e:
-        group = {"optimizer": opt, "lr": config.lr, "beta": beta, "eps": args.eps,
-                 "sfo": {str(b): None for b in result.table()}, "critical_batch_size": None,
-                 "c2_upper_bound": None, "note": str(e)}
-        print(f"labkit critical measure: {e}", file=sys.stderr)
-        print(json.dumps({**group, **summary}, sort_keys=True))
+    if curve is None:  # a callback stopped the first run before anything was known
+        print("labkit critical measure: nothing measured", file=sys.stderr)
+        print(json.dumps(summary, sort_keys=True))
         return 1
-    _print_b_star(group)
-    print(json.dumps({**group, **summary}, sort_keys=True))
+    if curve.critical_batch_size is None:
+        print(f"labkit critical measure: no batch size reached the threshold eps = {args.eps:g}",
+              file=sys.stderr)
+        _print_b_star(curve)
+        print(json.dumps({**curve.to_dict(), **summary}, sort_keys=True))
+        return 1
+    _print_b_star(curve)
+    print(json.dumps({**curve.to_dict(), **summary}, sort_keys=True))
     return 0
 
 
 def _cmd_sharpness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from labkit.data import DatasetError
     from labkit.experiments.results import measure_sharpness
+    from labkit.precision import strict_fp32
 
     try:
-        value = measure_sharpness(
+        value = strict_fp32()(measure_sharpness)(  # a measurement: IEEE fp32, TF32 off
             args.run, rho=args.rho, norm=args.norm, adaptive=args.adaptive,
             n_batches=args.batches, batch_size=args.batch_size, split=args.split,
             selection=args.selection, n_iters=args.n_iters, seed=args.seed, device=args.device,

@@ -16,7 +16,9 @@ lists, per graded nbgrader cell of the lab, checks on those records drawn from a
 named rules (:data:`RULES`), each worth some points.
 
 This module reads notebooks with nbformat and never executes them: it imports no torch and no
-training code, so it runs in seconds anywhere and cannot run a student's code by accident. Only
+training code, so it runs in seconds anywhere and cannot run a student's code by accident. The
+formulas come from the torch-free :mod:`labkit.critical`, the one home of Theorem 4.4 and
+eqs. (12)-(14). Only
 :func:`execute_notebook` (``labkit grade --execute``) starts a kernel, and only when asked.
 """
 
@@ -40,6 +42,8 @@ from typing import Any
 
 import nbformat
 import yaml
+
+from labkit import critical
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -91,7 +95,6 @@ MAX_DEPTH = 64
 _TEXT_RECORD = re.compile(r"\Alabkit\.record: (?P<name>.+?) = (?P<value>.*)\Z", re.S)
 _HIDDEN_TESTS = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?^[ \t]*### END HIDDEN TESTS[^\n]*\n?",
                            re.S | re.M)
-_OPTIMIZERS = ("sgd", "shb", "nshb")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1035,38 +1038,6 @@ def _check_domain(args: Mapping[str, float]) -> None:
             raise CheckFailed(f"{name} = {_fmt(value)} must be >= 1")
 
 
-def _theorem_4_4_factor(optimizer: str, beta: float) -> float:
-    """c in Theorem 4.4, b* > c eta C^2 / eps^2 (Sato & Iiduka (2024)): 1, (b^2-b+1)/(b(1-b)^2),
-    1/(1-b)."""
-    if optimizer == "sgd":
-        return 1.0
-    if optimizer == "shb":
-        return (beta**2 - beta + 1) / (beta * (1 - beta) ** 2)
-    return 1.0 / (1.0 - beta)
-
-
-def _c2_bound(optimizer: str, b_star: float, lr: float, eps: float, beta: float) -> float:
-    """Theorem 4.4 read backwards: C^2 < b* eps^2 / (c eta)."""
-    return b_star * eps**2 / (_theorem_4_4_factor(optimizer, beta) * lr)
-
-
-def _delta_sgd(lr: float, batch_size: float, c2: float) -> float:
-    """Eq. (12): delta_SGD = eta sqrt(C^2 / b)."""
-    return lr * math.sqrt(c2 / batch_size)
-
-
-def _delta_shb(lr: float, batch_size: float, beta: float, c2: float, k2: float) -> float:
-    """Eq. (13): delta_SHB = eta sqrt((1 + a) C^2 / b + a K^2), a = b(b^2 - b + 1) / (1 - b)^2
-    with b = beta."""
-    a = beta * (beta**2 - beta + 1) / (1 - beta) ** 2
-    return lr * math.sqrt((1 + a) * c2 / batch_size + a * k2)
-
-
-def _delta_nshb(lr: float, batch_size: float, beta: float, c2: float) -> float:
-    """Eq. (14): delta_NSHB = eta sqrt(C^2 / ((1 - beta) b))."""
-    return lr * math.sqrt(c2 / ((1 - beta) * batch_size))
-
-
 def _rule_c2_bound(ctx: _Context, p: Mapping[str, Any]) -> tuple[bool, str]:
     name = p["record"]
     raw = ctx.record(name)
@@ -1076,9 +1047,9 @@ def _rule_c2_bound(ctx: _Context, p: Mapping[str, Any]) -> tuple[bool, str]:
                     f"eps), so there is no bound{'' if ok else ' and it should be None'}")
     value = _number(raw, f"recorded {name}")
     optimizer = ctx.param(p, "optimizer")
-    if not isinstance(optimizer, str) or optimizer.lower() not in _OPTIMIZERS:
+    if not isinstance(optimizer, str) or optimizer.lower() not in critical.OPTIMIZERS:
         raise CheckFailed(f"{_what(p, 'optimizer')} is {_fmt(optimizer)}; expected one of "
-                          f"{', '.join(_OPTIMIZERS)}")
+                          f"{', '.join(critical.OPTIMIZERS)}")
     optimizer = optimizer.lower()
     args = {n: ctx.number(p, n) for n in ("b_star", "lr", "eps")}
     beta = 0.0
@@ -1090,7 +1061,11 @@ def _rule_c2_bound(ctx: _Context, p: Mapping[str, Any]) -> tuple[bool, str]:
         if optimizer == "shb" and beta == 0:
             raise CheckFailed("beta = 0 makes Theorem 4.4's SHB bound undefined")
     _check_domain(args)
-    bound = _c2_bound(optimizer, args["b_star"], args["lr"], args["eps"], beta)
+    if not math.isfinite(args["b_star"]) or args["b_star"] != int(args["b_star"]):
+        raise CheckFailed(f"b_star = {_fmt(args['b_star'])} is not a whole batch size")
+    bound = critical.c2_upper_bound(optimizer, critical_batch_size=int(args["b_star"]),
+                                    lr=args["lr"], eps=args["eps"],
+                                    beta=None if optimizer == "sgd" else beta)
     rtol, atol = _tolerances(p, 1e-6)
     inputs = ", ".join(f"{k} = {_fmt(v)}" for k, v in args.items())
     if _close(value, bound, rtol, atol):
@@ -1194,13 +1169,14 @@ RULES: dict[str, RuleSpec] = {
                          ("beta", "rtol", "atol"),
                          lambda p: f"{_r(p, 'record')} is Theorem 4.4's C^2 bound from "
                          f"{_r(p, 'b_star')}"),
-    "delta_sgd": RuleSpec(_delta_rule(_delta_sgd, ("lr", "c2"), "eq. (12)"),
+    "delta_sgd": RuleSpec(_delta_rule(critical.delta_sgd, ("lr", "c2"), "eq. (12)"),
                           ("record", "lr", "c2"), ("batch_size", "rtol", "atol"),
                           lambda p: _DELTA_LABEL.format(_r(p, "record"), 12)),
-    "delta_shb": RuleSpec(_delta_rule(_delta_shb, ("lr", "beta", "c2", "k2"), "eq. (13)"),
+    "delta_shb": RuleSpec(_delta_rule(critical.delta_shb, ("lr", "beta", "c2", "k2"),
+                                      "eq. (13)"),
                           ("record", "lr", "beta", "c2", "k2"), ("batch_size", "rtol", "atol"),
                           lambda p: _DELTA_LABEL.format(_r(p, "record"), 13)),
-    "delta_nshb": RuleSpec(_delta_rule(_delta_nshb, ("lr", "beta", "c2"), "eq. (14)"),
+    "delta_nshb": RuleSpec(_delta_rule(critical.delta_nshb, ("lr", "beta", "c2"), "eq. (14)"),
                            ("record", "lr", "beta", "c2"), ("batch_size", "rtol", "atol"),
                            lambda p: _DELTA_LABEL.format(_r(p, "record"), 14)),
 }

@@ -23,7 +23,12 @@ along and the full gradient at the same point x_t:
 
 with m_{-1} = d_{-1} = 0 (:class:`DirectionNoiseTracker`). Bounding E||omega_t|| (Theorems 3.1
 and 3.2) and treating omega_t as Gaussian gives the smoothing degrees delta of eqs. (12)-(14)
-(:func:`delta_sgd`, :func:`delta_shb`, :func:`delta_nshb`).
+(:func:`delta_sgd`, :func:`delta_shb`, :func:`delta_nshb`, :func:`smoothing_degree`,
+:func:`momentum_factor`). Those formulas live in the torch-free :mod:`labkit.critical` and are
+re-exported here.
+
+The measurements (:func:`full_gradient`, :func:`gradient_variance`, :func:`k2_estimate`) run
+in IEEE fp32 or better, with TF32 off on CUDA (:func:`labkit.precision.strict_fp32`).
 """
 
 from __future__ import annotations
@@ -36,12 +41,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from labkit.critical import (
+    OPTIMIZERS,
+    delta_nshb,
+    delta_sgd,
+    delta_shb,
+    momentum_factor,
+    smoothing_degree,
+)
+from labkit.precision import strict_fp32
+
 __all__ = [
+    "OPTIMIZERS",
     "DirectionNoiseTracker",
     "GradientStats",
     "NoiseRecord",
@@ -59,195 +74,6 @@ __all__ = [
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Data = tuple[Tensor, Tensor] | Iterable[Sequence[Tensor]]
 ParamSpec = Iterable[str | Tensor] | None
-
-OPTIMIZERS = ("sgd", "shb", "nshb")
-
-
-# ---------------------------------------------------------------------------------------------
-# Smoothing degrees, Sato & Iiduka (2024) eqs. (12)-(14)
-# ---------------------------------------------------------------------------------------------
-
-
-def _to_numpy(name: str, value: Any) -> np.ndarray:
-    """Return ``value`` as a float64 array for validation (tensors are copied to the CPU)."""
-    if isinstance(value, Tensor):
-        if value.is_complex():
-            raise TypeError(f"{name} must be real, got a complex tensor")
-        return value.detach().to("cpu", torch.float64).numpy()
-    if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be a real number or an array of them, got {value!r}")
-    try:
-        return np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"{name} must be a real number or an array of them, got {type(value).__name__}"
-        ) from err
-
-
-def _check(name: str, value: Any, ok: Callable[[np.ndarray], np.ndarray], valid: str) -> None:
-    arr = _to_numpy(name, value)
-    good = ok(arr)  # NaN compares False, so NaN is always rejected
-    if not np.all(good):
-        bad = arr[~good].flat[0] if arr.ndim else arr.item()
-        where = " (an element of the array)" if arr.ndim else ""
-        raise ValueError(f"{name} must be {valid}, got {float(bad)!r}{where}")
-
-
-def _check_lr(lr: Any) -> None:
-    _check("lr", lr, lambda a: (a > 0) & np.isfinite(a), "> 0 and finite")
-
-
-def _check_batch_size(batch_size: Any) -> None:
-    _check("batch_size", batch_size, lambda a: (a >= 1) & np.isfinite(a), ">= 1 and finite")
-
-
-def _check_beta(beta: Any) -> None:
-    _check("beta", beta, lambda a: (a >= 0) & (a < 1), "in [0, 1)")
-
-
-def _check_nonneg(name: str, value: Any) -> None:
-    _check(name, value, lambda a: (a >= 0) & np.isfinite(a), ">= 0 and finite")
-
-
-def _prepare(*values: Any) -> list[Any]:
-    """Make the arguments broadcast together: tensors stay tensors, everything else is numpy."""
-    tensors = [v for v in values if isinstance(v, Tensor)]
-    out: list[Any] = []
-    for v in values:
-        if isinstance(v, Tensor):
-            out.append(v if v.is_floating_point() else v.to(torch.get_default_dtype()))
-        elif tensors:
-            ref = tensors[0]
-            dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
-            out.append(torch.as_tensor(np.asarray(v, dtype=np.float64), dtype=dtype,
-                                       device=ref.device))
-        elif isinstance(v, numbers.Real):
-            out.append(float(v))
-        else:
-            out.append(np.asarray(v, dtype=np.float64))
-    return out
-
-
-def _finish(result: Any) -> Any:
-    if isinstance(result, np.ndarray) and result.ndim == 0:
-        return float(result)
-    if isinstance(result, np.floating):
-        return float(result)
-    return result
-
-
-def momentum_factor(beta: Any) -> Any:
-    """The factor beta (beta^2 - beta + 1) / (1 - beta)^2 of Sato & Iiduka (2024) eq. (13)
-    (dimensionless).
-
-    It is 0 at beta = 0, increases monotonically in beta and equals 81.9 at beta = 0.9.
-    """
-    _check_beta(beta)
-    (beta,) = _prepare(beta)
-    return _finish(beta * (beta**2 - beta + 1) / (1 - beta) ** 2)
-
-
-def delta_sgd(lr: Any, batch_size: Any, c2: Any) -> Any:
-    """Smoothing degree of SGD, Sato & Iiduka (2024) eq. (12): delta_SGD = eta sqrt(C^2 / b).
-
-    Args:
-        lr: learning rate eta > 0.
-        batch_size: batch size b >= 1 (a float, or a numpy array / torch tensor to evaluate many
-            batch sizes at once, e.g. for a plot of delta against b).
-        c2: stochastic-gradient variance C^2 >= 0 (squared gradient units).
-
-    Returns:
-        delta in parameter units: a float when every argument is a scalar, otherwise an array
-        (numpy, or a tensor when any argument is a tensor) broadcast over the arguments.
-    """
-    _check_lr(lr)
-    _check_batch_size(batch_size)
-    _check_nonneg("c2", c2)
-    lr, b, c2 = _prepare(lr, batch_size, c2)
-    return _finish(lr * (c2 / b) ** 0.5)
-
-
-def delta_shb(lr: Any, batch_size: Any, beta: Any, c2: Any, k2: Any) -> Any:
-    """Smoothing degree of stochastic heavy ball (SHB), Sato & Iiduka (2024) eq. (13).
-
-    delta_SHB = eta sqrt((1 + a) C^2 / b + a K^2),  a = beta (beta^2 - beta + 1) / (1 - beta)^2.
-
-    The K^2 term does not shrink with b: delta_SHB >= eta sqrt(a) K for every batch size, which is
-    the seed's explanation of why SHB keeps generalizing at large b (§5.1). At beta = 0 it
-    reduces to :func:`delta_sgd`.
-
-    Args:
-        lr: learning rate eta > 0.
-        batch_size: batch size b >= 1 (scalar, numpy array or tensor).
-        beta: momentum coefficient in [0, 1).
-        c2: stochastic-gradient variance C^2 >= 0.
-        k2: bound K^2 >= 0 on E||grad f(x_t)||^2 (assumption (A4)).
-
-    Returns:
-        delta (float, or array / tensor broadcast over the arguments).
-    """
-    _check_lr(lr)
-    _check_batch_size(batch_size)
-    _check_beta(beta)
-    _check_nonneg("c2", c2)
-    _check_nonneg("k2", k2)
-    lr, b, beta, c2, k2 = _prepare(lr, batch_size, beta, c2, k2)
-    a = beta * (beta**2 - beta + 1) / (1 - beta) ** 2
-    return _finish(lr * ((1 + a) * c2 / b + a * k2) ** 0.5)
-
-
-def delta_nshb(lr: Any, batch_size: Any, beta: Any, c2: Any) -> Any:
-    """Smoothing degree of normalized stochastic heavy ball (NSHB), Sato & Iiduka (2024) eq. (14).
-
-    delta_NSHB = eta sqrt(C^2 / ((1 - beta) b)) = delta_SGD / sqrt(1 - beta) at equal C^2.
-
-    Args:
-        lr: learning rate eta > 0.
-        batch_size: batch size b >= 1 (scalar, numpy array or tensor).
-        beta: momentum coefficient in [0, 1).
-        c2: stochastic-gradient variance C^2 >= 0.
-
-    Returns:
-        delta (float, or array / tensor broadcast over the arguments).
-    """
-    _check_lr(lr)
-    _check_batch_size(batch_size)
-    _check_beta(beta)
-    _check_nonneg("c2", c2)
-    lr, b, beta, c2 = _prepare(lr, batch_size, beta, c2)
-    return _finish(lr * (c2 / ((1 - beta) * b)) ** 0.5)
-
-
-def _check_optimizer(optimizer: Any) -> str:
-    if not isinstance(optimizer, str) or optimizer.lower() not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    return optimizer.lower()
-
-
-def smoothing_degree(
-    optimizer: str,
-    *,
-    lr: Any,
-    batch_size: Any,
-    c2: Any,
-    beta: Any = None,
-    k2: Any = None,
-) -> Any:
-    """Dispatch to :func:`delta_sgd`, :func:`delta_shb` or :func:`delta_nshb` by name.
-
-    ``optimizer`` is "sgd", "shb" or "nshb". ``beta`` is required for shb and nshb, ``k2`` for
-    shb; arguments an optimizer does not use are ignored (so one call can loop over the three).
-    """
-    name = _check_optimizer(optimizer)
-    if name == "sgd":
-        return delta_sgd(lr, batch_size, c2)
-    if beta is None:
-        raise ValueError(f"beta is required for optimizer={name!r}; pass a value in [0, 1)")
-    if name == "nshb":
-        return delta_nshb(lr, batch_size, beta, c2)
-    if k2 is None:
-        raise ValueError("k2 (the bound K^2 on E||grad f||^2) is required for optimizer='shb'")
-    return delta_shb(lr, batch_size, beta, c2, k2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +234,7 @@ def _full_gradient64(
     leaves = list(chosen.values())
     sums = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in leaves]
     n = 0
-    with _eval_mode(model), torch.enable_grad():
+    with _eval_mode(model), torch.enable_grad(), strict_fp32():
         for x, y in _chunks(data, chunk_size, device):
             loss = loss_fn(functional_call(model, {**fixed, **chosen}, (x,)), y)
             _check_loss_shape(loss, x.shape[0])
@@ -490,9 +316,9 @@ def gradient_variance(
     with the pairwise update of Chan, Golub & LeVeque (1979),
     M2 = M2_a + M2_b + ||mean_b - mean_a||^2 n_a n_b / (n_a + n_b). This is one pass and, unlike
     mean||g_i||^2 - ||g_bar||^2, does not cancel catastrophically when C^2 << ||g_bar||^2.
-    On a float64 model the result equals a per-example loop to about 1e-12 relative. A float32
-    model on CUDA may run convolutions in TF32 (PyTorch's default for cuDNN), and then agrees
-    with a loop only to about 1e-3 relative.
+    On a float64 model the result equals a per-example loop to about 1e-12 relative. TF32 is
+    off while it runs (:func:`labkit.precision.strict_fp32`; PyTorch's default would run a
+    float32 model's convolutions on CUDA in TF32, agreeing with a loop only to about 1e-3).
 
     Args:
         model: the network (any dtype / device); inputs are moved to its device chunk by chunk.
@@ -518,7 +344,7 @@ def gradient_variance(
     sums: dict[str, Tensor] = {}
     zero = torch.zeros((), dtype=torch.float64, device=device)
     m2, sq_sum = zero, zero  # 0-d float64 tensors: no host sync per chunk
-    with _eval_mode(model):
+    with _eval_mode(model), strict_fp32():
         for x, y in _chunks(data, chunk_size, device):
             grads = per_example(trainable, fixed, x, y)
             c = x.shape[0]
@@ -569,8 +395,9 @@ def k2_estimate(
         params: names of the parameters to differentiate; default all trainable.
 
     Returns:
-        The estimate of K^2 (squared gradient units). The seed's authors used K = 1.77 (SHB) and
-        K = 4.5 (NSHB) for ResNet-18 on CIFAR-100, see ``labkit.critical.PAPER_VALUES``.
+        The estimate of K^2 (squared gradient units). The authors' code (not the article) uses
+        K = 1.77 (SHB) and K = 4.5 (NSHB) for ResNet-18 on CIFAR-100, see
+        ``labkit.critical.PAPER_VALUES``.
     """
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
@@ -702,15 +529,20 @@ class DirectionNoiseTracker:
         params: ParamSpec = None,
         chunk_size: int = 256,
     ) -> None:
-        self.kind = _check_optimizer(kind)
+        if not isinstance(kind, str) or kind.lower() not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+        self.kind = kind.lower()
         if self.kind == "sgd":
             if beta not in (None, 0, 0.0):
                 raise ValueError(f"kind='sgd' takes no momentum, got beta={beta!r}")
             beta = 0.0
         elif beta is None:
             raise ValueError(f"beta is required for kind={self.kind!r}; pass a value in [0, 1)")
-        _check_beta(beta)
-        _check_nonneg("weight_decay", weight_decay)
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        if (isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)
+                or not (weight_decay >= 0 and math.isfinite(weight_decay))):
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {weight_decay!r}")
         self.beta = float(beta)
         self.weight_decay = float(weight_decay)
         self.model = model

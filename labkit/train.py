@@ -13,7 +13,12 @@ A run folder holds
 - ``metrics.jsonl``: one JSON object per finished epoch;
 - ``checkpoint.pt``: model, optimizer, schedule position and every RNG state, written
   atomically after each epoch;
+- ``grad-norms.f32``: with ``track_grad_norm``, the mini-batch gradient norm of every step of
+  the finished epochs (:func:`labkit.store.read_grad_norms`; the critical batch size of
+  chapter 8 is measured from it);
 - ``result.json``: written once, when the run has ``finished`` or ``diverged``.
+
+(:mod:`labkit.store` reads and writes these files.)
 
 Calling :func:`train` again on the same folder resumes after the last finished epoch (on the
 CPU the numbers are bit-for-bit those of an uninterrupted run) or, when ``result.json``
@@ -28,9 +33,9 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,9 @@ from labkit import data as lk_data
 from labkit import models as lk_models
 from labkit import optim as lk_optim
 from labkit import schedules as lk_schedules
+from labkit import store
+from labkit.precision import autocast_dtype, strict_fp32
+from labkit.store import RUN_FILES, atomic_write_json  # noqa: F401  (part of this module's API)
 
 PROFILES = ("smoke", "short", "paper")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -73,7 +81,6 @@ PAPER_ROTATION = {"cifar10": 0.0, "cifar100": 15.0}
 SMOKE_SIZES = {"n_train": 512, "n_test": 256}
 SMOKE_FOLDER = "labkit-smoke"
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "result.json")
 # Fields that name where things are, not what is computed: they do not change a run's identity.
 _NON_IDENTITY_FIELDS = ("out", "data_root", "download")
 # Fields added after runs were first stored, with the value that reproduces what labkit did
@@ -104,7 +111,8 @@ class TrainConfig:
         seed: seeds the model's initialization, the shuffling and the augmentation.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         precision: ``"auto"`` (bf16 autocast on CUDA with fp32 weights, fp32 on the CPU),
-            ``"fp32"`` or ``"bf16"``.
+            ``"fp32"`` (IEEE fp32 everywhere, TF32 off: :mod:`labkit.precision`; the
+            measurement runs of chapter 8 use it) or ``"bf16"``.
         channels_last: use the channels-last memory format; ``None`` means on CUDA only.
         compile: wrap the model in ``torch.compile``.
         augment: random crop (4-pixel padding) and horizontal flip of training images.
@@ -113,7 +121,8 @@ class TrainConfig:
             ``RandomRotation`` defaults, nearest neighbour, black corners); ``0`` turns it off.
             ``None`` picks the papers' recipe for the data set when ``augment`` is on
             (:data:`PAPER_ROTATION`: 15 on CIFAR-100, 0 on CIFAR-10), and 0 when it is off.
-        track_grad_norm: record the mean mini-batch gradient norm of each epoch.
+        track_grad_norm: record the mean mini-batch gradient norm of each epoch, and (with
+            ``out``) the norm of every step in ``grad-norms.f32``.
         data_root: folder holding ``cifar-10-batches-py`` / ``cifar-100-python``; ``None``
             means ``$LABKIT_DATA`` or ``~/.cache/labkit/data``.
         download: fetch CIFAR with torchvision's verified download when it is missing.
@@ -325,7 +334,7 @@ def load_run(folder: str | os.PathLike) -> RunResult:
     return RunResult(
         status=stored["status"],
         config=stored["config"],
-        metrics=_read_metrics(folder / "metrics.jsonl"),
+        metrics=store.read_jsonl(folder / store.METRICS_FILE),
         out=str(folder),
         loaded=True,
     )
@@ -378,64 +387,8 @@ class RunState:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a torn one."""
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def _atomic_torch_save(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a crash; the checkpoint is authoritative
-    return rows
-
-
-def _write_metrics(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    _atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
-
-
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    store.atomic_replace(path, lambda tmp: torch.save(obj, tmp))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -550,9 +503,7 @@ def train(
 
     use_cuda = device.type == "cuda"
     channels_last = use_cuda if cfg.channels_last is None else cfg.channels_last
-    amp_dtype = {"auto": torch.bfloat16 if use_cuda else None, "fp32": None}.get(
-        cfg.precision, torch.bfloat16
-    )
+    amp_dtype = autocast_dtype(cfg.precision, device)
     autocast = {
         "device_type": device.type,
         "dtype": amp_dtype or torch.bfloat16,  # ignored when disabled
@@ -602,8 +553,12 @@ def train(
             resumed_from = len(metrics)
         else:
             atomic_write_json(out / "config.json", cfg.to_dict())
-        _write_metrics(out / "metrics.jsonl", metrics)
+        store.write_jsonl(out / store.METRICS_FILE, metrics)
     state.metrics = metrics
+    # The per-step gradient-norm log covers exactly the checkpoint's steps; none is kept for a
+    # run resumed from a checkpoint trained without it (an incomplete log would mislead).
+    log_norms = (out is not None and cfg.track_grad_norm
+                 and store.keep_grad_norms(out, state.step))
     state.epoch = len(metrics)
 
     for cb in callbacks:
@@ -625,7 +580,10 @@ def train(
     # cuDNN picks the fastest convolution algorithm per shape (restored afterwards).
     cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = use_cuda or cudnn_benchmark
+    settings = ExitStack()
     try:
+        if amp_dtype is None:  # IEEE fp32 (TF32 off), as the measurements of chapter 8 need
+            settings.enter_context(strict_fp32())
         for epoch in range(len(metrics), cfg.epochs):
             t0 = time.perf_counter()
             state.epoch = epoch
@@ -640,6 +598,7 @@ def train(
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
             gnorm_sum = torch.zeros((), device=device, dtype=torch.float64)
+            step_norms = torch.empty(state.steps_per_epoch if log_norms else 0, device=device)
             steps = 0
             train_x = epoch_inputs()
             for idx in lk_data.iterate_batches(n_train, b, gen):
@@ -657,6 +616,8 @@ def train(
                         torch.stack(torch._foreach_norm(grads))
                     )
                     gnorm_sum += state.grad_norm.double()
+                    if log_norms:
+                        step_norms[steps] = state.grad_norm
                 optimizer.step()
                 loss_sum += loss.detach().double() * yb.shape[0]
                 correct += (out_b.detach().argmax(1) == yb).sum()
@@ -699,6 +660,8 @@ def train(
                 row["diverged"] = True
             metrics.append(row)
             if out is not None:
+                if log_norms:  # before the checkpoint, so the log never falls behind it
+                    store.append_grad_norms(out, step_norms.cpu().numpy())
                 _atomic_torch_save(
                     out / "checkpoint.pt",
                     {
@@ -714,7 +677,7 @@ def train(
                         "batch_size": b,
                     },
                 )
-                _append_metrics(out / "metrics.jsonl", row)
+                store.append_jsonl(out / store.METRICS_FILE, row)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['train_loss']:.3g}" if not diverged else "nan",
@@ -728,6 +691,7 @@ def train(
                 status = "stopped"
                 break
     finally:
+        settings.close()
         torch.backends.cudnn.benchmark = cudnn_benchmark
         if bar is not None:
             bar.close()

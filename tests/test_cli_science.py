@@ -187,18 +187,22 @@ def test_critical_bad_flags(capsys, argv, match):
     assert match in capsys.readouterr().err
 
 
-def _write_run(root, cfg: TrainConfig, epochs: list[tuple[int, float]]) -> None:
-    """A finished run folder whose epochs have the given (steps, mean gradient norm)."""
+def _write_run(root, cfg: TrainConfig, epochs: list[list[float]]) -> None:
+    """A finished run folder whose epochs had these per-step gradient norms (logged)."""
+    from labkit.store import append_grad_norms
+
     cfg = cfg.resolved()
     folder = root / "runs" / config_hash(cfg)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
     rows, total = [], 0
-    for e, (steps, gn) in enumerate(epochs, start=1):
-        total += steps
+    for e, norms in enumerate(epochs, start=1):
+        total += len(norms)
         rows.append({"epoch": e, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0,
                      "test_acc": 0.5, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                     "steps": steps, "total_steps": total, "grad_norm": gn, "time": 0.1})
+                     "steps": len(norms), "total_steps": total,
+                     "grad_norm": sum(norms) / len(norms), "time": 0.1})
+        append_grad_norms(folder, norms)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "result.json").write_text(json.dumps({"status": "finished", "config":
                                                     cfg.to_dict(), "final": rows[-1]}))
@@ -209,37 +213,69 @@ def test_critical_from_a_sweep_folder(tmp_path, capsys):
         return TrainConfig(profile="short", dataset="cifar100", optimizer=opt, lr=0.1,
                            batch_size=b, hparams=hp)
 
-    # SGD: running means reach eps = 0.7 after 24, 4 and 6 steps -> SFO 192, 64, 192.
-    _write_run(tmp_path, cfg("sgd", 8), [(8, 1.0), (8, 0.6), (8, 0.3)])
-    _write_run(tmp_path, cfg("sgd", 16), [(4, 0.6)])
-    _write_run(tmp_path, cfg("sgd", 32), [(2, 0.9), (2, 0.6), (2, 0.5)])
-    # SHB (default beta 0.9): b = 16 never reaches eps, so b* = 32.
-    _write_run(tmp_path, cfg("shb", 16), [(4, 0.9), (4, 0.9)])
-    _write_run(tmp_path, cfg("shb", 32), [(2, 0.5)])
-    code, text, _ = run(capsys, "critical", "--results", tmp_path, "--eps", "0.7")
+    # eps = 0.7, the test skipping 1 epoch. SGD b = 8: the sum is 8 + 4.8 = 12.8 after 16
+    # steps and (12.8 + 0.2 k) / (16 + k) <= 0.7 from k = 4 on: T = 20, SFO 160. b = 16: 0.6
+    # at the first tested step 5: SFO 80. b = 32: 3.0 / 4 = 0.75 at step 4, 3.2 / 5 = 0.64
+    # at step 5: SFO 160.
+    _write_run(tmp_path, cfg("sgd", 8), [[1.0] * 8, [0.6] * 8, [0.2] * 8])
+    _write_run(tmp_path, cfg("sgd", 16), [[0.6] * 4, [0.6] * 4])
+    _write_run(tmp_path, cfg("sgd", 32), [[0.9] * 2, [0.6] * 2, [0.2] * 2])
+    # SHB (default beta 0.9): b = 16 never reaches eps, so b* = 32 (T = 3, the first tested).
+    _write_run(tmp_path, cfg("shb", 16), [[0.9] * 4, [0.9] * 4])
+    _write_run(tmp_path, cfg("shb", 32), [[0.5] * 2, [0.5] * 2])
+    code, text, _ = run(capsys, "critical", "--results", tmp_path, "--eps", "0.7",
+                        "--skip-epochs", "1")
     assert code == 0
-    groups = {g["optimizer"]: g for g in last_json(text)["groups"]}
-    assert groups["sgd"]["sfo"] == {"8": 192.0, "16": 64.0, "32": 192.0}
+    res = last_json(text)
+    assert res["skip_epochs"] == 1
+    groups = {g["optimizer"]: g for g in res["groups"]}
+    assert groups["sgd"]["sfo"] == {"8": 160.0, "16": 80.0, "32": 160.0}
     assert groups["sgd"]["critical_batch_size"] == 16
     assert groups["sgd"]["c2_upper_bound"] == pytest.approx(16 * 0.49 / 0.1)
-    assert groups["shb"]["sfo"] == {"16": None, "32": 64.0}
+    assert groups["shb"]["sfo"] == {"16": None, "32": 96.0}
     assert groups["shb"]["critical_batch_size"] == 32 and groups["shb"]["beta"] == 0.9
     assert groups["shb"]["c2_upper_bound"] == pytest.approx(
         32 * 0.49 * 0.9 * 0.01 / (0.1 * 0.91))
     assert "did not reach eps" in text
     assert groups["sgd"]["note"] is None
     assert "only batch size 32 reached eps" in groups["shb"]["note"]
-    # Filters and the test start.
+    # Filters and the skipped epochs: skipping 2, b = 16 (2 epochs) is never tested.
     code, text, _ = run(capsys, "critical", "--results", tmp_path, "--eps", "0.7",
-                        "--optimizer", "sgd", "--min-epochs", "3")
+                        "--optimizer", "sgd", "--skip-epochs", "2")
     assert code == 0
     (g,) = last_json(text)["groups"]
-    assert g["sfo"] == {"8": 192.0, "16": None, "32": 192.0} and g["critical_batch_size"] == 8
+    assert g["sfo"] == {"8": 160.0, "16": None, "32": 160.0} and g["critical_batch_size"] == 8
     assert "at the edge of the batch sizes that reached eps (8 to 32)" in g["note"]
+    # By default the test skips 11 epochs (the authors' code): these runs are too short.
+    code, text, _ = run(capsys, "critical", "--results", tmp_path, "--eps", "0.7")
+    assert code == 1 and last_json(text)["skip_epochs"] == 11
+    assert "the runs have at most 3 epochs and the test skips 11: pass a smaller " \
+        "--skip-epochs" in text
     code, _, err = run(capsys, "critical", "--results", tmp_path / "nope", "--eps", "0.7")
     assert code == 1 and "does not exist" in err
     code, _, err = run(capsys, "critical", "--results", tmp_path, "--eps", "0.7", "--lr", "0.5")
     assert code == 1 and "no finished sgd/shb/nshb runs" in err
+    with pytest.raises(SystemExit):
+        run(capsys, "critical", "--results", tmp_path, "--eps", "0.7", "--skip-epochs", "-1")
+    assert "--skip-epochs must be >= 0; got -1" in capsys.readouterr().err
+
+
+def test_sharpness_is_measured_in_fp32_with_tf32_off(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import labkit.experiments.results as results
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cudnn.conv.fp32_precision,
+                     torch.backends.cuda.matmul.fp32_precision))
+        return 0.25
+
+    monkeypatch.setattr(results, "measure_sharpness", spy)
+    code, text, _ = run(capsys, "sharpness", tmp_path, "--device", "cpu")
+    assert code == 0 and last_json(text)["sharpness"] == 0.25
+    assert seen == [("ieee", "ieee")]
 
 
 def test_sweep_exit_codes(tmp_path, capsys, monkeypatch):

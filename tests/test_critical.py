@@ -1,7 +1,10 @@
 """Tests for labkit.critical: SFO complexity, the measured critical batch size, and Theorem 4.4
-of Sato & Iiduka (arXiv:2402.02325) against the paper's worked numbers (§4.3)."""
+of Sato & Iiduka (arXiv:2402.02325) against the paper's worked numbers (§4.3); the delta
+formulas of eqs. (12)-(14) are tested in test_noise.py (labkit.noise re-exports them)."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -13,11 +16,12 @@ from labkit.critical import (
     c2_upper_bound,
     critical_batch_size,
     critical_batch_size_lower_bound,
+    delta_nshb,
+    delta_sgd,
     sfo_complexity,
     sfo_table,
     theorem_4_4_factor,
 )
-from labkit.noise import delta_nshb, delta_sgd
 
 PAPER = {"lr": 0.1, "eps": 0.5, "beta": 0.9}
 
@@ -221,3 +225,14 @@ def test_bound_specific_errors():
         critical_batch_size_lower_bound("sgd", c2=-1.0, lr=0.1, eps=0.5)
     with pytest.raises(TypeError, match="c2 must be a real number"):
         critical_batch_size_lower_bound("sgd", c2="1", lr=0.1, eps=0.5)
+
+
+@pytest.mark.parametrize("module", ["labkit.critical", "labkit.grading"])
+def test_the_formulas_and_the_grader_load_no_torch(module):
+    """The formulas' one home is torch-free, so the grader imports them instead of copies."""
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+

@@ -30,10 +30,10 @@ from labkit.experiments import (
     plot_sfo_vs_batch_size,
     plot_sharpness_vs_delta,
     run_sweep,
-    sfo_from_history,
+    sfo_curves,
     train_set_size,
 )
-from labkit.experiments.sweep import summarize_metrics
+from labkit.store import summarize_metrics
 from labkit.train import SMOKE_SIZES, Callback, TrainConfig, config_hash
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -440,52 +440,6 @@ def test_grid_can_grow(tmp_path, data_root):
 # --------------------------------------------------------------------------- SFO, delta
 
 
-def _history(runs):
-    """A load_history-like table from {run: (optimizer, b, [(steps, grad_norm), ...])}."""
-    rows = []
-    for run, (opt, b, epochs) in runs.items():
-        total = 0
-        for e, (steps, gn) in enumerate(epochs, start=1):
-            total += steps
-            rows.append({"run": run, "status": "finished", "optimizer": opt, "lr": 0.1,
-                         "batch_size": b, "seed": 0, "epoch": e, "grad_norm": gn,
-                         "steps": steps, "total_steps": total, "epoch_batch_size": b,
-                         "diverged": gn is None})
-    return pd.DataFrame(rows)
-
-
-def test_sfo_from_history_running_mean():
-    hist = _history({
-        "a": ("sgd", 8, [(8, 1.0), (8, 0.6), (8, 0.3)]),   # running means 1.0, 0.8, 0.633
-        "b": ("sgd", 16, [(4, 0.6), (4, 0.6)]),             # 0.6 at epoch 1
-        "c": ("sgd", 32, [(2, 0.9), (2, 0.9)]),             # never
-        "d": ("sgd", 64, [(1, 2.0), (1, None)]),            # diverged
-    })
-    t = sfo_from_history(hist, 0.7).set_index("run")
-    assert list(t["reached"]) == [True, True, False, False]
-    assert t.loc["a", "epoch"] == 3 and t.loc["a", "steps"] == 24 and t.loc["a", "sfo"] == 192
-    assert t.loc["a", "running_grad_norm"] == pytest.approx(1.9 / 3)
-    assert t.loc["b", "steps"] == 4 and t.loc["b", "sfo"] == 64
-    assert math.isinf(t.loc["c", "sfo"]) and math.isinf(t.loc["d", "sfo"])
-    # The stopping test starts at min_epochs.
-    t2 = sfo_from_history(hist, 0.7, min_epochs=2).set_index("run")
-    assert t2.loc["b", "epoch"] == 2 and t2.loc["b", "sfo"] == 128
-    # Into Theorem 4.4: b* = 16 and C^2 < b* eps^2 / eta.
-    sfo = dict(zip(t["batch_size"], t["sfo"], strict=True))
-    assert critical.critical_batch_size(sfo) == 16
-    with pytest.raises(ValueError, match="eps must be a positive finite number"):
-        sfo_from_history(hist, 0.0)
-    with pytest.raises(ValueError, match="min_epochs must be an integer >= 0"):
-        sfo_from_history(hist, 0.5, min_epochs=-1)
-    with pytest.raises(ValueError, match="lacks the column"):
-        sfo_from_history(hist.drop(columns="steps"), 0.5)
-    no_norm = hist.copy()
-    no_norm["grad_norm"] = None
-    no_norm["diverged"] = False
-    with pytest.raises(ValueError, match="track_grad_norm=False"):
-        sfo_from_history(no_norm, 0.5)
-
-
 def test_add_delta_matches_the_formulas():
     df = pd.DataFrame({"optimizer": ["sgd", "shb", "nshb", "nshb", "adam"],
                        "lr": [0.1, 0.1, 0.1, 0.05, 1e-3], "batch_size": [64, 64, 64, 128, 64],
@@ -661,12 +615,22 @@ def test_plot_sfo_vs_batch_size_marks_b_star():
     assert list(lines[3].get_xdata()) == [16]
     assert [ln.get_xdata()[0] for ln in lines[4:]] == [512, 1024]
     assert ax.get_yscale() == "log" and ax.xaxis.get_transform().base == 2
-    # From sfo_from_history's table: seeds averaged.
-    table = pd.DataFrame({"optimizer": ["nshb"] * 4, "batch_size": [8, 8, 16, 16],
-                          "sfo": [100.0, 300.0, 150.0, 170.0]})
-    ax = plot_sfo_vs_batch_size(table)
-    assert list(ax.get_lines()[0].get_ydata()) == [200.0, 160.0]
+    # From sfo_curves: the mean over seeds, with the band from the smallest to the largest T b.
+    runs = pd.DataFrame({"optimizer": ["nshb"] * 4, "lr": 0.1, "beta": 0.9,
+                         "batch_size": [8, 8, 16, 16], "steps": [10, 30, 8, 10],
+                         "reached": True, "complete": True, "eps": 0.5})
+    runs["sfo"] = runs["steps"] * runs["batch_size"]
+    for col in ("run", "seed", "status", "epochs_completed", "first_step", "lowest_mean",
+                "final_mean", "skip_epochs", "folder"):
+        runs[col] = 0
+    ax = plot_sfo_vs_batch_size(sfo_curves(runs))
+    assert list(ax.get_lines()[0].get_ydata()) == [160.0, 144.0]
     assert list(ax.get_lines()[1].get_xdata()) == [16]
+    (band,) = ax.collections
+    assert band.get_paths()[0].vertices[:, 1].min() == 80.0  # b = 8: T b from 80 to 240
+    assert band.get_paths()[0].vertices[:, 1].max() == 240.0
+    with pytest.raises(TypeError, match="list of labkit.experiments.SFOCurve"):
+        plot_sfo_vs_batch_size([1, 2])
 
 
 def test_plot_sharpness_vs_delta():

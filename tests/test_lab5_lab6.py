@@ -389,6 +389,25 @@ def test_lab6_measure_leaves_unfinished_and_stopped_runs_unmeasured(lab6_sweep):
     assert table["sharpness"].notna().iloc[1]
 
 
+def test_lab6_measures_in_fp32_with_tf32_off(lab6_sweep, monkeypatch):
+    """Sharpness and C^2 are measurements: lab 6 takes them in IEEE fp32 (TF32 off)."""
+    import torch
+
+    import labkit.experiments
+
+    out, v = lab6_sweep
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cudnn.conv.fp32_precision,
+                     torch.backends.cuda.matmul.fp32_precision))
+        return 0.5
+
+    monkeypatch.setattr(labkit.experiments, "measure_sharpness", spy)
+    lab6.measure(load_results(out), out, v)
+    assert seen == [("ieee", "ieee")] * 2
+
+
 def test_lab6_measure_errors(lab6_sweep, tmp_path):
     out, v = lab6_sweep
     results = load_results(out)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -602,3 +603,23 @@ def test_tracker_errors():
     tracker.step(measure=False)
     with pytest.raises(ValueError, match="reduce must be 'max' or 'mean'"):
         tracker.k2("min")
+
+
+def test_the_measurements_run_with_tf32_off():
+    """C^2, grad f and K^2 are measurements: IEEE fp32 (labkit.precision.strict_fp32), and the
+    previous settings come back afterwards."""
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    seen = set()
+
+    def loss(out, target):
+        seen.add((torch.backends.cudnn.conv.fp32_precision,
+                  torch.backends.cuda.matmul.fp32_precision))
+        return F.cross_entropy(out, target, reduction="none")
+
+    model, data = make_mlp(), mlp_data()
+    gradient_variance(model, loss, data)
+    full_gradient(model, loss, data)
+    k2_estimate([model], loss, data)
+    assert seen == {("ieee", "ieee")}
+    assert (torch.backends.cudnn.conv.fp32_precision,
+            torch.backends.cuda.matmul.fp32_precision) == before

@@ -278,3 +278,107 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+# --------------------------------------------------------------------------- the gradient-norm log
+
+
+class _Norms(Callback):
+    step_interval = 1
+
+    def __init__(self):
+        self.values = []
+
+    def on_step(self, state):
+        self.values.append(float(state.grad_norm))
+
+
+class _StopAfterEpoch(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, state, metrics):
+        if metrics["epoch"] == self.epoch:
+            state.stop = True
+
+
+def test_the_run_folder_logs_every_steps_gradient_norm(data_root, tmp_path):
+    import numpy as np
+
+    from labkit.store import read_grad_norms
+
+    ref = _Norms()
+    result = train(cfg(data_root, out=str(tmp_path / "run")), [ref], progress=False)
+    norms = read_grad_norms(tmp_path / "run")
+    assert norms.dtype == np.float32
+    assert norms.tolist() == [float(np.float32(v)) for v in ref.values]
+    spe = math.ceil(256 / 48)
+    assert len(norms) == result.metrics[-1]["total_steps"] == 3 * spe
+    for k, m in enumerate(result.metrics):  # the epoch means of the log are the run's metrics
+        chunk = norms[spe * k: spe * (k + 1)].astype(np.float64)
+        assert math.isclose(chunk.mean(), m["grad_norm"], rel_tol=1e-9)
+
+
+def test_an_interrupted_log_equals_an_uninterrupted_one(data_root, tmp_path):
+    import numpy as np
+
+    from labkit.store import GRAD_NORMS_FILE
+
+    spe = math.ceil(256 / 48)
+    train(cfg(data_root, out=str(tmp_path / "a")), progress=False)
+    stopped = train(cfg(data_root, out=str(tmp_path / "b")), [_StopAfterEpoch(1)],
+                    progress=False)
+    assert stopped.status == "stopped"
+    log = tmp_path / "b" / GRAD_NORMS_FILE
+    assert log.stat().st_size == 4 * spe
+    with open(log, "ab") as f:  # steps written after the checkpoint, as a crash would leave
+        f.write(np.ones(7, dtype="<f4").tobytes())
+    resumed = train(cfg(data_root, out=str(tmp_path / "b")), progress=False)
+    assert resumed.status == "finished" and resumed.resumed_from == 1
+    assert log.read_bytes() == (tmp_path / "a" / GRAD_NORMS_FILE).read_bytes()
+
+
+def test_no_log_where_it_would_be_incomplete_or_has_nowhere_to_go(data_root, tmp_path):
+    from labkit.store import GRAD_NORMS_FILE, read_grad_norms
+
+    # Resumed from a checkpoint the log does not cover (trained before labkit logged every
+    # step): no log rather than a wrong one.
+    train(cfg(data_root, out=str(tmp_path / "c")), [_StopAfterEpoch(1)], progress=False)
+    (tmp_path / "c" / GRAD_NORMS_FILE).unlink()
+    train(cfg(data_root, out=str(tmp_path / "c")), progress=False)
+    assert read_grad_norms(tmp_path / "c") is None
+    # No gradient norms: nothing is written and nothing fails.
+    train(cfg(data_root, epochs=1, track_grad_norm=False, out=str(tmp_path / "d")),
+          progress=False)
+    assert read_grad_norms(tmp_path / "d") is None
+
+
+# --------------------------------------------------------------------------- precision
+
+
+class _Precision(Callback):
+    """Records cuDNN's and CUDA matmul's fp32 settings while the run trains."""
+
+    def on_epoch_end(self, state, metrics):
+        self.seen = (torch.backends.cudnn.conv.fp32_precision,
+                     torch.backends.cuda.matmul.fp32_precision)
+
+
+@pytest.mark.parametrize("precision,inside", [
+    ("fp32", ("ieee", "ieee")),  # a measurement run: TF32 off
+    ("auto", ("ieee", "ieee")),  # auto on the CPU is fp32 too
+    ("bf16", None),  # autocast: the settings are left alone
+])
+def test_fp32_runs_turn_tf32_off_and_restore_it(data_root, precision, inside):
+    from labkit.precision import autocast_dtype
+
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    spy = _Precision()
+    train(cfg(data_root, epochs=1, precision=precision), [spy], progress=False)
+    assert spy.seen == (inside or before)
+    assert (torch.backends.cudnn.conv.fp32_precision,
+            torch.backends.cuda.matmul.fp32_precision) == before
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(precision, cpu) == (torch.bfloat16 if precision == "bf16" else None)
+    assert autocast_dtype(precision, cuda) == (None if precision == "fp32" else torch.bfloat16)
+

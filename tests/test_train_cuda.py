@@ -87,3 +87,24 @@ def test_cuda_resume_matches(root, tmp_path):
         # cuDNN is not bitwise deterministic; the numbers agree to round-off.
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
         assert a["batch_size"] == b["batch_size"] and a["lr"] == b["lr"]
+
+
+class _Precision(Callback):
+    """Records cuDNN's and CUDA matmul's fp32 settings while the run trains."""
+
+    def on_epoch_end(self, state, metrics):
+        self.seen = (torch.backends.cudnn.conv.fp32_precision,
+                     torch.backends.cuda.matmul.fp32_precision)
+
+
+def test_fp32_runs_are_ieee_fp32_and_auto_runs_keep_the_defaults(root):
+    """A measurement run (precision fp32) trains with TF32 off and restores the settings."""
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    spy = _Precision()
+    train(cfg(root, epochs=1, precision="fp32"), [spy], progress=False)
+    assert spy.seen == ("ieee", "ieee")
+    spy = _Precision()
+    train(cfg(root, epochs=1, precision="auto"), [spy], progress=False)
+    assert spy.seen == before
+    assert (torch.backends.cudnn.conv.fp32_precision,
+            torch.backends.cuda.matmul.fp32_precision) == before

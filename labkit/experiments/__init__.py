@@ -2,9 +2,10 @@
 
 Book: the labs (chapters 4, 7 and 8). :mod:`~labkit.experiments.sweep` runs a grid of
 :func:`labkit.train.train` runs, resumably; :mod:`~labkit.experiments.results` reads them back
-as ``pandas`` tables (and derives SFO complexity, smoothing degree and sharpness);
-:mod:`~labkit.experiments.plots` draws Sato & Iiduka (2024) Fig. 4-8 and the power-eta thesis Fig.
-1-2.
+as ``pandas`` tables (and derives smoothing degree and sharpness);
+:mod:`~labkit.experiments.sfo` measures T, the SFO complexity, the critical batch size and the
+C^2 bound from the runs' per-step gradient norms; :mod:`~labkit.experiments.plots` draws
+Sato & Iiduka (2024) Fig. 4-8 and the power-eta thesis Fig. 1-2.
 
 Example::
 
@@ -29,7 +30,13 @@ from labkit.experiments.results import (
     load_history,
     load_results,
     measure_sharpness,
-    sfo_from_history,
+)
+from labkit.experiments.sfo import (
+    SFOCurve,
+    measure_sfo,
+    sfo_curves,
+    sfo_of_sweep,
+    steps_to_threshold,
 )
 from labkit.experiments.sweep import (
     Grid,
@@ -45,6 +52,7 @@ from labkit.experiments.sweep import (
 
 __all__ = [
     "Grid",
+    "SFOCurve",
     "GridError",
     "PointResult",
     "SweepResult",
@@ -53,6 +61,7 @@ __all__ = [
     "load_history",
     "load_results",
     "load_spec",
+    "measure_sfo",
     "measure_sharpness",
     "plan_sweep",
     "plot_accuracy_curves",
@@ -62,6 +71,8 @@ __all__ = [
     "plot_sfo_vs_batch_size",
     "plot_sharpness_vs_delta",
     "run_sweep",
-    "sfo_from_history",
+    "sfo_curves",
+    "sfo_of_sweep",
+    "steps_to_threshold",
     "train_set_size",
 ]

@@ -168,7 +168,7 @@ def plot_delta_vs_batch_size(
 ) -> Any:
     """Smoothing degree delta vs batch size, one line per optimizer (Sato & Iiduka (2024) Fig. 5).
 
-    delta from :func:`labkit.noise.smoothing_degree` (eqs. (12)-(14)).
+    delta from :func:`labkit.critical.smoothing_degree` (eqs. (12)-(14)).
 
     Args:
         c2: optimizer ("sgd", "shb", "nshb") -> estimated C^2 (e.g. from
@@ -178,14 +178,15 @@ def plot_delta_vs_batch_size(
         beta: momentum of SHB and NSHB.
         k2: K^2 for SHB (a number or optimizer -> K^2).
         batch_sizes: default 2^3 ... 2^13 (the paper's grid).
-        paper: add dashed curves from the paper's C^2 bounds and K (labelled "paper").
+        paper: add dashed curves from the paper's C^2 bounds and the K of the authors' code
+            (labelled "paper").
         ax: the Axes to draw on.
 
     The x axis is log2 and the y axis log10.
     """
     import numpy as np
 
-    from labkit import critical, noise
+    from labkit import critical
 
     if c2 is None and not paper:
         raise ValueError("give c2 (optimizer -> C^2), or paper=True for the paper's curves")
@@ -204,7 +205,7 @@ def plot_delta_vs_batch_size(
                     "k2 (K^2) is required for SHB's delta (Sato & Iiduka 2024, eq. 13); "
                     "the authors' code uses K = 1.77 for ResNet-18 (k2=1.77**2)"
                 )
-            d = noise.smoothing_degree(opt, lr=lr_, batch_size=bs, c2=value, beta=beta_,
+            d = critical.smoothing_degree(opt, lr=lr_, batch_size=bs, c2=value, beta=beta_,
                                        k2=k2_opt)
             ax.plot(bs, d, style, color=_color(opt), marker="o" if not prefix else None,
                     label=f"{prefix}{_label(opt)} (C²={value:g})")
@@ -280,13 +281,12 @@ def plot_accuracy_vs_delta(
     return ax
 
 
-def _sfo_by_optimizer(sfo: Any) -> dict[str, Any]:
-    """optimizer -> DataFrame (index batch size; mean, min, max) with inf where not reached."""
-    import numpy as np
+def _sfo_lines(sfo: Any) -> list[tuple[str, str, Any]]:
+    """(optimizer, label, DataFrame indexed by batch size with mean, min, max) per line."""
     import pandas as pd
 
+    lines = []
     if isinstance(sfo, Mapping):
-        out = {}
         for opt, table in sfo.items():
             if not isinstance(table, Mapping):
                 raise TypeError(
@@ -294,16 +294,23 @@ def _sfo_by_optimizer(sfo: Any) -> dict[str, Any]:
                     f"{type(table).__name__}"
                 )
             s = pd.Series({int(b): float(v) for b, v in table.items()}, dtype=float).sort_index()
-            out[opt] = pd.DataFrame({"mean": s, "min": s, "max": s})
-        return out
-    _require(sfo, ["optimizer", "batch_size", "sfo"], "plot_sfo_vs_batch_size")
-    out = {}
-    for opt, g in sfo.groupby("optimizer", sort=False):
-        agg = g.groupby("batch_size")["sfo"].agg(["mean", "min", "max"]).sort_index()
-        # A batch size counts only when every run of it reached the threshold.
-        agg.loc[~np.isfinite(agg["max"]), ["mean", "min", "max"]] = np.inf
-        out[opt] = agg
-    return out
+            lines.append((opt, _label(opt), pd.DataFrame({"mean": s, "min": s, "max": s})))
+        return lines
+    curves = list(sfo)
+    for c in curves:
+        if not all(hasattr(c, attr) for attr in ("optimizer", "lr", "beta", "sfo", "spread")):
+            raise TypeError("sfo must be a mapping optimizer -> {batch size: SFO} or a list of "
+                            f"labkit.experiments.SFOCurve; got an item {type(c).__name__}")
+    many = {c.optimizer for c in curves if sum(d.optimizer == c.optimizer for d in curves) > 1}
+    for c in curves:
+        rows = {b: (v, *c.spread.get(b, (v, v))) for b, v in sorted(c.sfo.items())}
+        df = pd.DataFrame.from_dict(rows, orient="index", columns=["mean", "min", "max"],
+                                    dtype=float)
+        label = _label(c.optimizer)
+        if c.optimizer in many:
+            label += f" η={c.lr:g}" + ("" if c.beta is None else f" β={c.beta:g}")
+        lines.append((c.optimizer, label, df))
+    return lines
 
 
 def plot_sfo_vs_batch_size(sfo: Any, *, paper: bool = False, ax: Any = None) -> Any:
@@ -311,9 +318,10 @@ def plot_sfo_vs_batch_size(sfo: Any, *, paper: bool = False, ax: Any = None) -> 
     (2024) Fig. 4).
 
     Args:
-        sfo: :func:`~labkit.experiments.sfo_from_history` (columns ``optimizer``,
-            ``batch_size``, ``sfo``; seeds are averaged, and a batch size where some run never
-            reached eps is left out), or a mapping optimizer -> {batch size: SFO}.
+        sfo: a list of :class:`~labkit.experiments.SFOCurve` (:func:`~labkit.experiments.
+            sfo_curves`; the line is the mean over seeds and the band spans their smallest to
+            largest T b, as in the paper), or a mapping optimizer -> {batch size: SFO}. Batch
+            sizes that did not reach eps (inf) are left out.
         paper: mark the paper's critical batch sizes (2^9, 2^10, 2^9) with dotted lines.
         ax: the Axes to draw on.
 
@@ -323,20 +331,21 @@ def plot_sfo_vs_batch_size(sfo: Any, *, paper: bool = False, ax: Any = None) -> 
 
     from labkit import critical
 
-    tables = _sfo_by_optimizer(sfo)
-    if not tables:
+    lines = _sfo_lines(sfo)
+    if not lines:
         raise ValueError("sfo is empty: no SFO complexities to plot")
     ax = _axes(ax)
-    for opt, t in tables.items():
+    for opt, label, t in lines:
         finite = t[np.isfinite(t["mean"])]
         if finite.empty:
             continue  # no batch size reached eps: nothing to draw
         line = _line_band(ax, finite.index, finite["mean"], finite["min"], finite["max"],
-                          marker="o", color=_color(opt), label=_label(opt))
+                          marker="o", color=_color(opt), label=label)
         b_star = critical.critical_batch_size(dict(zip(t.index, t["mean"], strict=True)))
         ax.plot([b_star], [t.loc[b_star, "mean"]], linestyle="none", marker="o", markersize=14,
                 markerfacecolor="none", markeredgewidth=1.5, color=line.get_color(),
-                label=f"b* ({_label(opt)}) = {b_star}")
+                label=f"b* ({label}) = {b_star}")
+    tables = {opt for opt, _, _ in lines}
     if paper:
         for opt, b in critical.PAPER_VALUES["critical_batch_size"].items():
             if opt in tables:

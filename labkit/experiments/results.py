@@ -7,8 +7,6 @@ sharpness) and the labs that plot them (Sato & Iiduka (2024) Fig. 4-8, the power
 - :func:`load_results`: one row per run (config columns + summary metrics), from a sweep's
   ``index.json`` (safe to call while the sweep runs).
 - :func:`load_history`: one row per (run, epoch), read from each run's ``metrics.jsonl``.
-- :func:`sfo_from_history`: steps T until the running mean of the mini-batch gradient norm is
-  <= eps, and the SFO complexity T b (Sato & Iiduka 2024, arXiv:2402.02325, §4.3).
 - :func:`add_delta`: the smoothing degree delta of each run from estimated C^2 (Sato & Iiduka (2024)
   eqs. (12)-(14)).
 - :func:`measure_sharpness`: adaptive sharpness (Kwon et al. 2021, arXiv:2102.11600) of a
@@ -24,14 +22,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from labkit.experiments.sweep import (
+from labkit.store import (
     INDEX_FILE,
     RUNS_FOLDER,
-    _disk_state,
-    _read_jsonl,
+    atomic_write_json,
+    read_index,
+    read_jsonl,
+    run_state,
     summarize_metrics,
 )
-from labkit.train import TrainConfig, atomic_write_json
+from labkit.train import TrainConfig
 
 __all__ = [
     "CONFIG_COLUMNS",
@@ -42,7 +42,6 @@ __all__ = [
     "load_results",
     "measure_gradient_stats",
     "measure_sharpness",
-    "sfo_from_history",
 ]
 
 #: File of a run folder caching :func:`measure_gradient_stats`.
@@ -86,12 +85,8 @@ def _entries(folder: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"results folder {folder} does not exist")
-    index = folder / INDEX_FILE
-    if index.exists():
-        try:
-            points = json.loads(index.read_text())["points"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a labkit sweep index ({e})") from e
+    if (folder / INDEX_FILE).exists():
+        points = read_index(folder)
         return sorted(points.items(), key=lambda kv: kv[1].get("order", 0))
     if (folder / RUNS_FOLDER).is_dir():
         run_folders = sorted(p for p in (folder / RUNS_FOLDER).iterdir()
@@ -111,7 +106,7 @@ def _entries(folder: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
             identity = cfg.identity()
         except (ValueError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{run / 'config.json'} is not a valid labkit run config: {e}") from e
-        status, metrics = _disk_state(run)
+        status, metrics = run_state(run)
         entry = {"order": order, "config": identity, "status": status, "error": None,
                  "folder": os.path.relpath(run, base)}
         entry.update(summarize_metrics(metrics))
@@ -227,7 +222,7 @@ def load_history(folder: str | os.PathLike):
         else folder.parent
     rows = []
     for (_, e), cfg_row in zip(entries, cfg_rows, strict=True):
-        for m in _read_jsonl(base / e["folder"] / "metrics.jsonl"):
+        for m in read_jsonl(base / e["folder"] / "metrics.jsonl"):
             row = dict(cfg_row)
             row.update({k: m.get(k) for k in HISTORY_COLUMNS})
             row["epoch_lr"] = m.get("lr")
@@ -239,83 +234,6 @@ def load_history(folder: str | os.PathLike):
     return _frame(rows, cols)
 
 
-def sfo_from_history(history, eps: float, *, min_epochs: int = 0):
-    """Steps to the threshold and SFO complexity of every run, from :func:`load_history`.
-
-    The stopping test of Sato & Iiduka (2024) §4.3: T is the first step t at which the running mean
-    of the
-    mini-batch gradient norms of steps 1..t is <= ``eps``; the SFO complexity is T b (the sum
-    of the batch sizes of those steps when a batch schedule changes b). The runs record the
-    mean gradient norm of each epoch and its number of steps, so the running mean is exact at
-    epoch ends and the test is applied there, from epoch ``min_epochs`` on (the authors' code
-    starts testing after 10 epochs). T is therefore rounded up to an epoch end: an upper bound
-    on the step-exact T, by less than one epoch of steps.
-
-    Returns:
-        A ``pandas.DataFrame`` with one row per run: the run's config columns, ``reached``
-        (bool), ``epoch`` and ``steps`` (T) at which the test passed, ``sfo`` (T b; ``inf``
-        where it never passed: the run ended first or diverged) and ``running_grad_norm`` (at
-        the passing epoch, else at the last epoch).
-
-    Raises:
-        ValueError: ``eps`` is not a positive finite number, ``min_epochs`` is negative, the
-            table lacks the columns of :func:`load_history`, or a run did not record gradient
-            norms (``track_grad_norm=False``).
-    """
-    pd = _pandas()
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-        math.isfinite(eps) and eps > 0
-    ):
-        raise ValueError(f"eps must be a positive finite number (a gradient norm); got {eps!r}")
-    if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 0:
-        raise ValueError(f"min_epochs must be an integer >= 0; got {min_epochs!r}")
-    needed = {"run", "epoch", "grad_norm", "steps", "epoch_batch_size"}
-    missing = sorted(needed - set(history.columns))
-    if missing:
-        raise ValueError(
-            f"history lacks the column(s) {', '.join(missing)}; pass labkit.experiments."
-            "load_history(folder)"
-        )
-    per_epoch = set(HISTORY_COLUMNS)
-    rows = []
-    for run, g in history.groupby("run", sort=False):
-        g = g.sort_values("epoch")
-        row = {k: v for k, v in g.iloc[0].items() if k not in per_epoch}
-        norm_sum = steps = sfo = 0.0
-        hit = None
-        running = math.nan
-        for _, m in g.iterrows():
-            gn = m["grad_norm"]
-            if gn is None or not math.isfinite(float(gn)):
-                if not bool(m.get("diverged", False)):
-                    raise ValueError(
-                        f"run {run} has no gradient norm at epoch {m['epoch']}: it was trained "
-                        "with track_grad_norm=False; re-run it with gradient norms recorded"
-                    )
-                break  # a diverged epoch: the threshold is never reached
-            n = float(m["steps"])
-            norm_sum += float(gn) * n
-            steps += n
-            sfo += n * float(m["epoch_batch_size"])
-            running = norm_sum / steps
-            if m["epoch"] >= min_epochs and running <= eps:
-                hit = m
-                break
-        row.update({
-            "reached": hit is not None,
-            "epoch": int(hit["epoch"]) if hit is not None else None,
-            "steps": int(steps) if hit is not None else None,
-            "sfo": sfo if hit is not None else math.inf,
-            "running_grad_norm": running,
-        })
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    if not rows:
-        df = pd.DataFrame(columns=["run", "reached", "epoch", "steps", "sfo",
-                                   "running_grad_norm"])
-    return df
-
-
 def _per_optimizer(value: Any, optimizer: str) -> Any:
     if isinstance(value, Mapping):
         return value.get(optimizer)
@@ -325,8 +243,8 @@ def _per_optimizer(value: Any, optimizer: str) -> Any:
 def add_delta(results, c2: Mapping[str, float], k2: Mapping[str, float] | float | None = None):
     """A copy of ``results`` with a ``delta`` column: the smoothing degree of each run.
 
-    delta is Sato & Iiduka's (2024) eq. (12) (SGD), (13) (SHB, needs K^2) or (14) (NSHB), from each
-    row's
+    delta is Sato & Iiduka's (2024) eq. (12) (SGD), (13) (SHB, needs K^2) or (14) (NSHB)
+    (:func:`labkit.critical.smoothing_degree`), from each row's
     ``lr``, ``batch_size`` and ``beta`` (the optimizer's default when the table has no ``beta``
     value for the row) and the estimated stochastic-gradient variance.
 
@@ -340,14 +258,14 @@ def add_delta(results, c2: Mapping[str, float], k2: Mapping[str, float] | float 
         ValueError: ``c2`` names an optimizer without a delta formula, or SHB is asked for
             without ``k2``.
     """
-    from labkit import noise
+    from labkit import critical
     from labkit import optim as lk_optim
 
-    bad = [k for k in c2 if k not in noise.OPTIMIZERS]
+    bad = [k for k in c2 if k not in critical.OPTIMIZERS]
     if bad:
         raise ValueError(
             f"c2 has no delta formula for optimizer {bad[0]!r}; valid: "
-            f"{', '.join(noise.OPTIMIZERS)}"
+            f"{', '.join(critical.OPTIMIZERS)}"
         )
     if "shb" in c2 and _per_optimizer(k2, "shb") is None:
         raise ValueError(
@@ -368,7 +286,7 @@ def add_delta(results, c2: Mapping[str, float], k2: Mapping[str, float] | float 
         beta = row.get("beta") if "beta" in out.columns else None
         if beta is None or (isinstance(beta, float) and math.isnan(beta)):
             beta = lk_optim.hyperparameters(opt).get("beta")
-        deltas.append(float(noise.smoothing_degree(
+        deltas.append(float(critical.smoothing_degree(
             opt, lr=float(row["lr"]), batch_size=float(row["batch_size"]), c2=float(c2[opt]),
             beta=beta, k2=_per_optimizer(k2, opt),
         )))
@@ -396,7 +314,7 @@ def _run_folder(run: str | os.PathLike) -> Path:
 
 def _finished_epochs(folder: Path, what: str) -> int:
     """Epochs the run's checkpoint holds; a diverged run has no weights worth measuring."""
-    status, metrics = _disk_state(folder)
+    status, metrics = run_state(folder)
     if status == "diverged":
         raise ValueError(f"the run in {folder} diverged (non-finite loss): its weights have no "
                          f"meaningful {what}")

@@ -47,12 +47,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import re
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +60,8 @@ from typing import Any
 from labkit import data as lk_data
 from labkit import optim as lk_optim
 from labkit import schedules as lk_schedules
+from labkit.experiments.results import load_results
+from labkit.store import INDEX_FILE, RUNS_FOLDER, SweepIndex, run_state, summarize_metrics
 from labkit.train import (
     SMOKE_FOLDER,
     SMOKE_SIZES,
@@ -69,9 +69,7 @@ from labkit.train import (
     RunResult,
     RunState,
     TrainConfig,
-    atomic_write_json,
     config_hash,
-    load_run,
     prepare_data,
     resolve_device,
     train,
@@ -93,9 +91,6 @@ __all__ = [
     "train_set_size",
 ]
 
-INDEX_FILE = "index.json"
-RUNS_FOLDER = "runs"
-INDEX_VERSION = 1
 STATUSES = ("pending", "running", "stopped", "finished", "diverged", "failed")
 SPEC_KEYS = ("base", "grid", "zip")
 
@@ -625,8 +620,6 @@ class SweepResult:
 
     def results(self):
         """The sweep's table (:func:`labkit.experiments.load_results` of ``out``)."""
-        from labkit.experiments.results import load_results
-
         return load_results(self.out)
 
 
@@ -656,82 +649,6 @@ def _as_configs(spec_or_configs: Any) -> list[TrainConfig]:
             hashes.add(h)
             configs.append(cfg)
     return configs
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line of a run that was killed mid-write
-    return rows
-
-
-def _disk_state(folder: Path) -> tuple[str, list[dict[str, Any]]]:
-    """(status, metrics) of a run folder as it is on disk."""
-    if (folder / "result.json").exists():
-        run = load_run(folder)
-        return run.status, run.metrics
-    if (folder / "checkpoint.pt").exists():
-        return "stopped", _read_jsonl(folder / "metrics.jsonl")
-    return "pending", []
-
-
-def _finite_or_none(value: Any) -> Any:
-    # index.json must stay strict JSON, which has no NaN or inf.
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def summarize_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Summary of a run's per-epoch metrics: final values, best test accuracy, wall time.
-
-    Non-finite numbers become None (strict JSON).
-    """
-    accs = [(m["test_acc"], m.get("epoch")) for m in metrics
-            if _finite_or_none(m.get("test_acc")) is not None]
-    best = max(accs, key=lambda t: t[0]) if accs else (None, None)
-    final = {k: _finite_or_none(v) for k, v in metrics[-1].items()} if metrics else {}
-    return {
-        "epochs_completed": len(metrics),
-        "final": final,
-        "best_test_acc": best[0],
-        "best_epoch": best[1],
-        "wall_time": float(sum(m.get("time") or 0.0 for m in metrics)),
-    }
-
-
-class _Index:
-    """``<out>/index.json``: hash -> entry, rewritten atomically on every change."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / INDEX_FILE
-        self.points: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            try:
-                stored = json.loads(self.path.read_text())
-                self.points = dict(stored.get("points", {}))
-            except (json.JSONDecodeError, AttributeError):
-                self.points = {}  # rebuilt from the run folders below
-
-    def set(self, h: str, order: int, cfg: TrainConfig, status: str,
-            metrics: Sequence[Mapping[str, Any]], error: str | None = None) -> None:
-        entry = {
-            "order": order,
-            "config": cfg.identity(),
-            "status": status,
-            "folder": f"{RUNS_FOLDER}/{h}",
-            "error": error,
-            "updated": time.time(),
-        }
-        entry.update(summarize_metrics(metrics))
-        self.points[h] = entry
-
-    def save(self) -> None:
-        atomic_write_json(
-            self.path, {"version": INDEX_VERSION, "updated": time.time(), "points": self.points}
-        )
 
 
 class _StopCallback(Callback):
@@ -795,12 +712,12 @@ def plan_sweep(
             if key not in sizes:
                 sizes[key] = train_set_size(cfg)
         _check_batch_sizes(configs, sizes)
-    index = _Index(out) if (out / INDEX_FILE).exists() else None
+    index = SweepIndex(out) if (out / INDEX_FILE).exists() else None
     points = []
     for i, cfg in enumerate(configs):
         h = config_hash(cfg)
         folder = out / RUNS_FOLDER / h
-        status, _ = _disk_state(folder)
+        status, _ = run_state(folder)
         error = None
         if index is not None and status in ("pending", "stopped"):
             stored = index.points.get(h, {})
@@ -886,19 +803,19 @@ def _run(
     on_run_end: Callable[[PointResult], None] | None,
 ) -> SweepResult:
     (out / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
-    index = _Index(out)
+    index = SweepIndex(out)
     previous = index.points
     index.points = {}
     points: list[PointResult] = []
     for i, cfg in enumerate(configs):
         h = config_hash(cfg)
         folder = out / RUNS_FOLDER / h
-        status, metrics = _disk_state(folder)
+        status, metrics = run_state(folder)
         error = None
         old = previous.get(h, {})
         if status in ("pending", "stopped") and old.get("status") == "failed":
             status, error = "failed", old.get("error")
-        index.set(h, i, cfg, status, metrics, error)
+        index.set(h, i, cfg.identity(), status, metrics, error)
         points.append(PointResult(i, h, dataclasses.replace(cfg, out=str(folder)), status,
                                   str(folder), error=error))
     # Entries of earlier sweeps into the same folder stay (a grid can grow).
@@ -921,28 +838,28 @@ def _run(
                 break
             cfg = point.config
             if point.status not in ("finished", "diverged"):
-                index.set(point.hash, point.index, cfg, "running",
-                          _disk_state(Path(point.folder))[1])
+                index.set(point.hash, point.index, cfg.identity(), "running",
+                          run_state(Path(point.folder))[1])
                 index.save()
             try:
                 result = train(cfg, callbacks=(*callbacks, stop_cb), progress=progress,
                                data=datasets[_data_key(cfg)])
             except KeyboardInterrupt:
                 point.status = "stopped"
-                index.set(point.hash, point.index, cfg, "stopped",
-                          _disk_state(Path(point.folder))[1])
+                index.set(point.hash, point.index, cfg.identity(), "stopped",
+                          run_state(Path(point.folder))[1])
                 index.save()
                 raise
             except Exception as e:  # one failing run must not end the sweep
                 point.status = "failed"
                 point.error = f"{type(e).__name__}: {e}"
                 tb = traceback.format_exc(limit=-8)
-                index.set(point.hash, point.index, cfg, "failed",
-                          _disk_state(Path(point.folder))[1], error=point.error + "\n" + tb)
+                index.set(point.hash, point.index, cfg.identity(), "failed",
+                          run_state(Path(point.folder))[1], error=point.error + "\n" + tb)
             else:
                 point.result, point.loaded = result, result.loaded
                 point.status, point.error = result.status, None
-                index.set(point.hash, point.index, cfg, result.status, result.metrics)
+                index.set(point.hash, point.index, cfg.identity(), result.status, result.metrics)
             index.save()
             if bar is not None:
                 bar.update(1)

@@ -3,26 +3,23 @@
 Reproduces Sato & Iiduka (2024) Fig. 4 and §4.3 ("Role of momentum in smoothing
 objective function and generalizability of deep neural networks", arXiv:2402.02325): SGD, SHB
 and NSHB over a grid of batch sizes b; T(b) is the first step at which the running mean of the
-mini-batch gradient norms, (1/t) sum_{s<=t} ||grad f_{S_s}(x_{s-1})||, is <= eps (the test of
-the authors' code); the SFO complexity is T b and the critical batch size b* = argmin_b T b.
-Theorem 4.4 read backwards turns b* into an upper bound on C^2
-(:func:`labkit.critical.c2_upper_bound`), which the lab sets beside C^2 measured directly at the
-runs' final weights (:func:`labkit.noise.gradient_variance`). Book: chapter 8 (critical batch
-size, estimating C^2).
+mini-batch gradient norms, (1/t) sum_{s<=t} ||grad f_{S_s}(x_{s-1})||, is <= eps, tested after
+the first epochs as in the authors' code; the SFO complexity is T b and the critical batch size
+b* = argmin_b T b. Theorem 4.4 read backwards turns b* into an upper bound on C^2, which the lab
+sets beside C^2 measured directly at the runs' final weights
+(:func:`labkit.noise.gradient_variance`). Book: chapter 8 (critical batch size, estimating C^2).
 
-How T is measured. The runs of a lab are ordinary sweep runs (:func:`labkit.experiments.run_sweep`)
-of a fixed number of epochs. :class:`GradNormLog` keeps the mini-batch gradient norm of every step
-in the run folder (4 bytes a step), so T is exact to the step for *any* eps and any first tested
-epoch, computed after training: changing eps re-reads the logs and trains nothing. On the same run
-it gives the T of :func:`labkit.critical.measure_sfo` (which stops each run at T instead, and so
-measures one eps per training). A run trained without the log falls back to
-:func:`labkit.experiments.sfo_from_history` (T rounded up to an epoch end; ``exact`` is False).
+How T is measured: by :mod:`labkit.experiments.sfo`, the one path from the runs' per-step
+gradient-norm logs to T, the SFO table, b* and the C^2 bound (:func:`sfo` applies it to a
+panel's runs). The runs are ordinary sweep runs of a fixed number of epochs, trained in fp32
+with TF32 off (the ``precision`` knob; :mod:`labkit.precision`); T is computed after training,
+so changing eps or the skipped epochs trains nothing.
 
 Lab 4 (:mod:`labkit.labs.lab4`) trains the same sweep and takes from here the methods and batch
 sizes of Sato & Iiduka (2024) (:data:`OPTIMIZERS`, :data:`BATCH_SIZES`), the panel's optimizer and
-batch-size
-selectors and their checks, the grid (:func:`grid`), the run names (:func:`label`) and C^2
-measured at the runs' final weights (:func:`gradient_stats_of_sweep`, :func:`max_by_optimizer`).
+batch-size selectors and their checks, the grid (:func:`grid`), the run names (:func:`label`) and
+C^2 measured at the runs' final weights (:func:`gradient_stats_of_sweep`,
+:func:`max_by_optimizer`).
 """
 
 from __future__ import annotations
@@ -35,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from labkit import critical
+from labkit import critical, store
 from labkit import widgets as lk_widgets
+from labkit.experiments import sfo as lk_sfo
 from labkit.experiments.results import GRADIENT_STATS_FILE, measure_gradient_stats
 from labkit.labs.setup import (
     check_profile,
@@ -47,39 +44,32 @@ from labkit.labs.setup import (
     is_positive,
     selection_messages,
 )
-from labkit.train import Callback, RunResult, RunState, TrainConfig
+from labkit.precision import MEASUREMENT_PRECISION
+from labkit.train import TrainConfig
 
 __all__ = [
     "BATCH_SIZES",
     "DATASETS",
     "GRADIENT_STATS_FILE",
-    "GRAD_NORMS_FILE",
     "LAB_ID",
     "OPTIMIZERS",
     "OPTIMIZER_LABELS",
-    "GradNormLog",
+    "PRECISIONS",
     "batch_size_selector",
-    "c2_bounds",
     "controls",
-    "critical_batch_sizes",
     "defaults",
     "figure",
     "format_theorem_4_4_table",
     "gradient_stats_of_sweep",
     "grid",
     "label",
-    "load_grad_norms",
     "max_by_optimizer",
     "measure_gradient_stats",
     "on_result",
     "optimizer_selector",
     "run_table",
-    "running_mean",
     "sfo",
-    "sfo_of_sweep",
-    "sfo_table",
     "sized_figure",
-    "steps_to_threshold",
     "validate",
     "validate_sweep",
 ]
@@ -96,260 +86,21 @@ BATCH_SIZES: tuple[int, ...] = tuple(critical.PAPER_VALUES["batch_sizes"])
 #: generated 100-class set has 5 images per class, which the tiny CNN does not learn in a few
 #: epochs, so its gradient norms never fall and no batch size would reach eps.
 DATASETS = {"smoke": "cifar10", "short": "cifar100", "paper": "cifar100"}
-#: File of a run folder with the mini-batch gradient norm of every step (little-endian float32).
-GRAD_NORMS_FILE = "grad-norms.f32"
+#: The ``precision`` knob: the runs are measurements, so fp32 with TF32 off by default.
+PRECISIONS = {MEASUREMENT_PRECISION: "fp32, TF32 off (measurement)",
+              "auto": "bf16 autocast on CUDA (faster; labkit 0.2's runs)"}
 
 
-# =========================================================================== the gradient-norm log
-
-
-def _constant_batch(config: TrainConfig) -> bool:
-    s = config.batch_schedule
-    return s is None or (isinstance(s, Mapping) and s.get("kind") == "constant")
-
-
-class GradNormLog(Callback):
-    """Keeps the mini-batch gradient norm of every step in ``<run folder>/grad-norms.f32``.
-
-    The norm of step t is ||grad f_{S_t}(x_{t-1})||, the gradient of the mean mini-batch loss
-    (``state.grad_norm`` of :func:`labkit.train.train`), stored as little-endian float32, one
-    value per step in order. The values wait on the device and are written once per epoch, at
-    its last step (before the epoch's checkpoint), so the log never falls behind a checkpoint.
-    A resumed run truncates the log to the checkpoint's step count and goes on, so the log of
-    an interrupted run equals that of an uninterrupted one. A run resumed from a checkpoint the
-    log does not cover (trained without this callback) keeps no log: an incomplete log would
-    give a wrong T. Runs without a folder, without ``track_grad_norm`` or with a batch-size
-    schedule are not logged.
-
-    Pass one instance to every run (``ExperimentPanel(callbacks=[GradNormLog()])``).
-    """
-
-    step_interval = 1
-
-    def __init__(self) -> None:
-        self._path: Path | None = None
-        self._pending: list[torch.Tensor] = []
-
-    def on_run_start(self, state: RunState) -> None:
-        self._path = None
-        self._pending = []
-        cfg = state.config
-        if cfg.out is None or not cfg.track_grad_norm or not _constant_batch(cfg):
-            return
-        path = Path(cfg.out) / GRAD_NORMS_FILE
-        have = path.stat().st_size // 4 if path.exists() else 0
-        if have < state.step:
-            path.unlink(missing_ok=True)
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as f:  # creates the file; then cut it back to the checkpoint
-            f.truncate(4 * state.step)
-        self._path = path
-
-    def on_step(self, state: RunState) -> None:
-        if self._path is None or state.grad_norm is None:
-            return
-        self._pending.append(state.grad_norm.detach().float().reshape(()))
-        if state.steps_per_epoch and state.step % state.steps_per_epoch == 0:
-            self._flush()
-
-    def on_run_end(self, state: RunState, result: RunResult) -> None:
-        if self._path is not None:
-            self._flush()
-        self._path = None
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        values = torch.stack(self._pending).cpu().numpy().astype("<f4")
-        self._pending = []
-        with open(self._path, "ab") as f:
-            f.write(values.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def load_grad_norms(run: str | os.PathLike) -> np.ndarray | None:
-    """The per-step mini-batch gradient norms a run folder logged (float32, one per step), or
-    None when the run kept no log (:class:`GradNormLog`)."""
-    path = Path(run) / GRAD_NORMS_FILE
-    if not path.exists():
-        return None
-    return np.fromfile(path, dtype="<f4")
-
-
-def running_mean(norms: Any) -> np.ndarray:
-    """m_t = (1/t) sum_{s<=t} norms_s for t = 1..len(norms), summed in float64 in order.
-
-    The sum is sequential in float64, as in :class:`labkit.critical.SFOCallback`, so the
-    threshold test gives the same T bit for bit.
-    """
-    g = np.asarray(norms, dtype=np.float64).reshape(-1)
-    return np.cumsum(g) / np.arange(1, g.size + 1, dtype=np.float64)
-
-
-def steps_to_threshold(norms: Any, eps: float, first_step: int = 1) -> int | None:
-    """T: the first step t >= ``first_step`` (1-based) at which the running mean of the
-    gradient norms of steps 1..t is <= ``eps``; None when no logged step passes.
-
-    Raises:
-        ValueError: ``eps`` is not a positive finite number, or ``first_step`` not an int >= 1.
-    """
-    if not is_positive(eps):
-        raise ValueError(f"eps must be a positive finite number (a gradient norm); got {eps!r}")
-    if not is_int_at_least(first_step, 1):
-        raise ValueError(f"first_step must be an integer >= 1; got {first_step!r}")
-    m = running_mean(norms)
-    hit = np.nonzero(m[first_step - 1:] <= eps)[0]
-    return int(hit[0]) + first_step if hit.size else None
-
-
-# =========================================================================== SFO from a sweep
-
-
-def sfo_of_sweep(folder: str | os.PathLike, eps: float, *, min_epochs: int = 0,
-                 runs: Sequence[str] | None = None) -> Any:
-    """T and the SFO complexity T b of every run of a sweep folder, for threshold ``eps``.
-
-    The test of Sato & Iiduka (2024) §4.3 as in the authors' code: T is the first step t from the
-    last step
-    of epoch ``min_epochs`` on (t >= min_epochs * ceil(n / b), and t >= 1) at which the running
-    mean of the mini-batch gradient norms of steps 1..t is <= eps. Exact from the run's
-    :class:`GradNormLog`; from the per-epoch means (:func:`labkit.experiments.sfo_from_history`,
-    T rounded up to an epoch end) for a run without one.
-
-    Args:
-        folder: the sweep folder (``panel.out_dir``).
-        eps: the threshold, > 0 (gradient-norm units).
-        min_epochs: the epoch from whose end on the test applies (the authors' code: 10).
-        runs: the run hashes to keep (``panel.results["run"]``); None keeps all.
-
-    Returns:
-        A ``pandas.DataFrame``, one row per run: ``run``, ``optimizer``, ``batch_size``,
-        ``seed``, ``lr``, ``beta``, ``status``, ``epochs_completed``, ``steps`` (T; <NA>
-        where eps was not reached), ``sfo`` (T b; ``inf`` where eps was not reached),
-        ``reached``, ``complete`` (the run
-        finished or diverged, so a miss is final), ``exact`` (T from the step log),
-        ``lowest_mean`` (the smallest running mean at the tested steps: the smallest eps the
-        run reaches), ``final_mean`` (the running mean at the last step) and ``folder``.
-
-    Raises:
-        ValueError: a bad ``eps`` or ``min_epochs``.
-        FileNotFoundError: ``folder`` is not a sweep folder.
-    """
-    import pandas as pd
-
-    from labkit.experiments import load_history, load_results, sfo_from_history
-
-    if not is_positive(eps):
-        raise ValueError(f"eps must be a positive finite number (a gradient norm); got {eps!r}")
-    if not is_int_at_least(min_epochs, 0):
-        raise ValueError(f"min_epochs must be an integer >= 0; got {min_epochs!r}")
-    folder = Path(folder)
-    results = load_results(folder)
-    if runs is not None:
-        results = results[results["run"].isin(list(runs))]
-    history = load_history(folder) if len(results) else None
-    rows = []
-    for _, r in results.iterrows():
-        b = int(r["batch_size"])
-        run_folder = folder / str(r["folder"])
-        h = history[history["run"] == r["run"]] if history is not None else None
-        norms = load_grad_norms(run_folder)
-        steps: int | None = None
-        lowest = final = math.nan
-        exact = norms is not None and norms.size > 0
-        if exact:
-            # Steps per epoch from the first finished epoch; before one finished, only a test
-            # from the first step on (min_epochs = 0) can have been applied.
-            spe = int(h["steps"].iloc[0]) if h is not None and len(h) else None
-            first = 1 if min_epochs == 0 else (min_epochs * spe if spe else norms.size + 1)
-            m = running_mean(norms)
-            tested = m[first - 1:]
-            with np.errstate(invalid="ignore"):
-                hit = np.nonzero(tested <= eps)[0]
-            steps = int(hit[0]) + first if hit.size else None
-            finite = tested[np.isfinite(tested)]
-            lowest = float(finite.min()) if finite.size else math.nan
-            final = float(m[-1])
-        elif h is not None and len(h) and h["grad_norm"].notna().any():
-            s = sfo_from_history(h, eps, min_epochs=min_epochs).iloc[0]
-            steps = int(s["steps"]) if s["reached"] else None
-            g = h.sort_values("epoch")
-            means = (g["grad_norm"] * g["steps"]).cumsum() / g["steps"].cumsum()
-            tested = means[g["epoch"] >= min_epochs]
-            lowest = float(tested.min()) if len(tested) else math.nan
-            final = float(means.iloc[-1])
-        status = r["status"]
-        beta = r.get("beta")
-        rows.append({
-            "run": r["run"], "optimizer": r["optimizer"], "batch_size": b,
-            "seed": int(r["seed"]), "lr": float(r["lr"]),
-            "beta": float(beta) if is_finite(beta) else None, "status": status,
-            "epochs_completed": int(r["epochs_completed"] or 0), "steps": steps,
-            "sfo": float(steps * b) if steps is not None else math.inf,
-            "reached": steps is not None, "complete": status in ("finished", "diverged"),
-            "exact": bool(exact), "lowest_mean": lowest, "final_mean": final,
-            "folder": str(run_folder),
-        })
-    columns = ["run", "optimizer", "batch_size", "seed", "lr", "beta", "status",
-               "epochs_completed", "steps", "sfo", "reached", "complete", "exact",
-               "lowest_mean", "final_mean", "folder"]
-    df = pd.DataFrame(rows, columns=columns)
-    df["steps"] = pd.array([r["steps"] for r in rows], dtype="Int64")  # <NA> where not reached
-    return df
+# =========================================================================== T and SFO of a panel
 
 
 def sfo(panel: Any) -> Any:
-    """:func:`sfo_of_sweep` of a lab 3 panel's runs, with the panel's eps and first tested
-    epoch (``panel.values()["eps"]``, ``["min_epochs"]``)."""
+    """:func:`labkit.experiments.sfo_of_sweep` of a lab 3 panel's runs, with the panel's eps
+    and skipped epochs (``panel.values()["eps"]``, ``["skip_epochs"]``): one row per run with
+    its T and T b."""
     values = panel.values()
-    return sfo_of_sweep(panel.out_dir, values["eps"], min_epochs=values["min_epochs"],
-                        runs=list(panel.results["run"]))
-
-
-def sfo_table(sfo: Any) -> dict[str, dict[int, float]]:
-    """``{optimizer: {batch size: SFO complexity}}`` from :func:`sfo_of_sweep`'s rows.
-
-    Seeds are averaged; a batch size counts as reaching eps only if every one of its runs did
-    (else its entry is ``inf``, which :func:`labkit.record` saves as null). Runs still missing
-    epochs that have not reached eps yet are left out (their T is not known). Optimizers in the
-    order SGD, SHB, NSHB, batch sizes ascending.
-    """
-    table: dict[str, dict[int, float]] = {}
-    if len(sfo) == 0:
-        return table
-    known = sfo[sfo["reached"] | sfo["complete"]]
-    order = [o for o in OPTIMIZERS if o in set(known["optimizer"])]
-    order += sorted(set(known["optimizer"]) - set(order))
-    for opt in order:
-        g = known[known["optimizer"] == opt]
-        row = {}
-        for b, gb in sorted(g.groupby("batch_size"), key=lambda kv: kv[0]):
-            row[int(b)] = float(gb["sfo"].mean()) if gb["reached"].all() else math.inf
-        table[opt] = row
-    return table
-
-
-def critical_batch_sizes(table: Mapping[str, Mapping[int, float]]) -> dict[str, int | None]:
-    """b* = argmin_b SFO(b) per optimizer (:func:`labkit.critical.critical_batch_size`; the
-    smallest b on a tie), None for an optimizer none of whose batch sizes reached eps."""
-    out: dict[str, int | None] = {}
-    for opt, row in table.items():
-        finite = {int(b): float(v) for b, v in row.items() if is_finite(v)}
-        out[opt] = critical.critical_batch_size(finite) if finite else None
-    return out
-
-
-def c2_bounds(b_star: Mapping[str, int | None], *, lr: float, eps: float,
-              beta: float) -> dict[str, float | None]:
-    """Theorem 4.4 read backwards for each optimizer with a b*
-    (:func:`labkit.critical.c2_upper_bound`); None where b* is None."""
-    return {
-        opt: None if b is None else critical.c2_upper_bound(
-            opt, critical_batch_size=int(b), lr=lr, eps=eps, beta=None if opt == "sgd" else beta)
-        for opt, b in b_star.items()
-    }
+    return lk_sfo.sfo_of_sweep(panel.out_dir, values["eps"], skip_epochs=values["skip_epochs"],
+                               runs=list(panel.results["run"]))
 
 
 def format_theorem_4_4_table() -> str:
@@ -485,23 +236,23 @@ def validate_sweep(values: Mapping[str, Any], max_seeds: int) -> list[str]:
 # =========================================================================== lab 3's panel
 
 _DEFAULTS = {
-    # CPU, generated 10-class data, tiny CNN: 12 runs of 3 epochs in about half a minute. With
-    # eps = 1.3 every optimizer has a b* and SGD's SFO curve is U-shaped.
-    "smoke": {"batch_sizes": (16, 32, 64, 128), "eps": 1.3, "min_epochs": 1, "epochs": 3,
+    # CPU, generated 10-class data, tiny CNN: 12 runs of 3 epochs. The test skips 1 epoch
+    # (labkit.experiments.sfo.SKIP_EPOCHS: 11 would leave nothing to test).
+    "smoke": {"batch_sizes": (16, 32, 64, 128), "eps": 1.3, "epochs": 3, "seeds": 1,
               "c2_images": 128},
-    # One GPU: ResNet-18 on CIFAR-100, the batch sizes around the paper's b*, 15 epochs. The
-    # looser eps = 1 is reached within them (the paper's 0.5 needs longer runs).
-    "short": {"batch_sizes": (128, 256, 512, 1024, 2048), "eps": 1.0, "min_epochs": 2,
-              "epochs": 15, "c2_images": 1024},
-    # Sato & Iiduka (2024) §4.3: b = 2^3 ... 2^13, eps = 0.5, the test from epoch 10 on (authors'
-    # code).
-    "paper": {"batch_sizes": BATCH_SIZES, "eps": 0.5, "min_epochs": 10, "epochs": 200,
+    # One GPU: ResNet-18 on CIFAR-100, the batch sizes around the paper's b*, 15 epochs, the
+    # test skips 2. The looser eps = 1 is reached within them (the paper's 0.5 needs longer).
+    "short": {"batch_sizes": (128, 256, 512, 1024, 2048), "eps": 1.0, "epochs": 15,
+              "seeds": 1, "c2_images": 1024},
+    # Sato & Iiduka (2024) §4.3 and Fig. 4: b = 2^3 ... 2^13, eps = 0.5, three runs per batch
+    # size (the figure plots their mean and spread), the test skips 11 epochs (authors' code).
+    "paper": {"batch_sizes": BATCH_SIZES, "eps": 0.5, "epochs": 200, "seeds": 3,
               "c2_images": 2048},
 }
 
 
 def controls() -> dict[str, Any]:
-    """The knobs of lab 3's panel. ``eps``, ``min_epochs`` and ``c2_images`` only change the
+    """The knobs of lab 3's panel. ``eps``, ``skip_epochs`` and ``c2_images`` only change the
     analysis: changing them reloads the runs and trains nothing."""
     W = lk_widgets
     return {
@@ -510,17 +261,20 @@ def controls() -> dict[str, Any]:
         "lr": W.float_text("learning rate η", 0.1),
         "beta": W.float_text("momentum β (SHB, NSHB)", 0.9),
         "eps": W.float_text("threshold ε", 0.5),
-        "min_epochs": W.int_text("test from the end of epoch", 0),
+        "skip_epochs": W.int_text("epochs the test skips", lk_sfo.AUTHORS_SKIP_EPOCHS),
         "epochs": W.int_slider("epochs", 1, 200, 4),
         "seeds": W.int_slider("seeds", 1, 3, 1),
         "c2_images": W.int_text("images for the measured C²", 1024),
+        "precision": W.dropdown("precision", [(v, k) for k, v in PRECISIONS.items()]),
     }
 
 
 def defaults(profile: str) -> dict[str, Any]:
-    """The knob values of each profile (η = 0.1 and β = 0.9 as in the paper)."""
+    """The knob values of each profile (η = 0.1 and β = 0.9 as in the paper; the skipped
+    epochs of :data:`labkit.experiments.sfo.SKIP_EPOCHS`; fp32 runs)."""
     check_profile(profile)
-    return {"optimizers": OPTIMIZERS, "lr": 0.1, "beta": 0.9, "seeds": 1,
+    return {"optimizers": OPTIMIZERS, "lr": 0.1, "beta": 0.9,
+            "skip_epochs": lk_sfo.SKIP_EPOCHS[profile], "precision": MEASUREMENT_PRECISION,
             **_DEFAULTS[profile]}
 
 
@@ -530,12 +284,15 @@ def validate(values: Mapping[str, Any]) -> list[str]:
     eps = values.get("eps")
     if not is_positive(eps):
         msgs.append(f"threshold ε must be > 0 (a gradient norm); got {eps}")
-    m, e = values.get("min_epochs"), values.get("epochs")
+    m, e = values.get("skip_epochs"), values.get("epochs")
     if not is_int_at_least(m, 0):
-        msgs.append(f"the first tested epoch must be an integer >= 0; got {m}")
-    elif is_int_at_least(e, 1) and m > e:
-        msgs.append(f"the test starts after epoch {m} but the runs have only {e} epochs: the "
-                    f"test would never be applied; use a first tested epoch <= {e}")
+        msgs.append(f"the epochs the test skips must be an integer >= 0; got {m}")
+    elif is_int_at_least(e, 1) and m >= e:
+        msgs.append(f"the test skips {m} epochs but the runs have only {e}: no step would be "
+                    f"tested; skip fewer than {e} epochs or train longer")
+    if values.get("precision", MEASUREMENT_PRECISION) not in PRECISIONS:
+        msgs.append(f"precision must be one of {', '.join(PRECISIONS)}; "
+                    f"got {values.get('precision')!r}")
     return msgs
 
 
@@ -544,7 +301,8 @@ def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
 
     CIFAR-100 with ResNet-18 in short/paper (the generated 10-class set and the tiny CNN in
     smoke, see :data:`DATASETS`), constant learning rate, no weight decay, the standard
-    augmentation, gradient norms tracked. eps does not enter: T is computed afterwards.
+    augmentation, gradient norms tracked, the ``precision`` knob (default fp32 with TF32 off: the
+    runs are measurements). eps and the skipped epochs do not enter: T is computed afterwards.
     """
     profile = check_profile(values["profile"])
     runs = []
@@ -556,15 +314,16 @@ def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
                     dataset=DATASETS[profile], optimizer=opt, lr=float(values["lr"]),
                     hparams=hparams, batch_size=int(b), epochs=values["epochs"], seed=seed,
                     weight_decay=0.0, track_grad_norm=True, profile=profile,
+                    precision=values.get("precision", MEASUREMENT_PRECISION),
                 ))
     return runs
 
 
-def run_table(sfo: Any) -> Any:
-    """The columns of :func:`sfo_of_sweep` worth reading, one row per run."""
-    cols = ["optimizer", "batch_size", "seed", "status", "epochs_completed", "steps", "sfo",
-            "reached", "lowest_mean", "exact"]
-    return sfo[cols].reset_index(drop=True)
+def run_table(runs: Any) -> Any:
+    """The columns of :func:`sfo`'s rows worth reading, one row per run."""
+    cols = ["optimizer", "batch_size", "seed", "status", "epochs_completed", "first_step",
+            "steps", "sfo", "reached", "lowest_mean"]
+    return runs[cols].reset_index(drop=True)
 
 
 def _thin(n: int, keep: int = 1500) -> np.ndarray:
@@ -585,49 +344,50 @@ def sized_figure(fig: Any, size: tuple[float, float]) -> Any:
     return plt.figure(figsize=size, layout="constrained")
 
 
-def figure(sfo: Any, values: Mapping[str, Any], c2_measured: Mapping[str, float] | None = None,
-           *, fig: Any = None) -> Any:
+def figure(runs: Any, values: Mapping[str, Any],
+           c2_measured: Mapping[str, float] | None = None, *, fig: Any = None) -> Any:
     """Sato & Iiduka (2024) Fig. 4 from your runs, and the C^2 bounds it implies.
 
     Top row, one panel per optimizer: the running mean of the mini-batch gradient norms
-    against the examples processed t b, one line per batch size, with eps dashed; a line
-    crosses eps at its SFO complexity T b (dot). Bottom left: SFO complexity against b with b*
-    ringed and the paper's b* dotted (labelled as the paper's). Bottom right: C^2 per
-    optimizer: your Theorem 4.4 bound from your b*, the value measured at your runs' final
-    weights (``c2_measured``) and the paper's bound.
+    against the examples processed t b, one line per run, with eps dashed; a line crosses eps
+    (after the skipped epochs) at its SFO complexity T b (dot). Bottom left: SFO complexity
+    against b, the mean over seeds with their spread shaded, b* ringed and the paper's b*
+    dotted (labelled as the paper's). Bottom right: C^2 per optimizer: your Theorem 4.4 bound
+    from your b*, the value measured at your runs' final weights (``c2_measured``) and the
+    paper's bound.
 
     Args:
-        sfo: :func:`sfo_of_sweep` (with its ``folder`` column).
-        values: the panel's values (``eps``, ``min_epochs``, ``lr``, ``beta``, ``profile``).
+        runs: :func:`sfo` (rows of :func:`labkit.experiments.sfo_of_sweep`).
+        values: the panel's values (``eps``).
         c2_measured: optimizer -> measured C^2 (:func:`max_by_optimizer`).
         fig: a matplotlib ``Figure`` to draw into (e.g. :func:`labkit.widgets.new_figure`);
             None makes one with pyplot.
 
     Raises:
-        ValueError: ``sfo`` has no runs.
+        ValueError: ``runs`` is empty.
     """
     import matplotlib as mpl
 
     from labkit.experiments import plot_sfo_vs_batch_size
 
-    if sfo is None or len(sfo) == 0:
-        raise ValueError("sfo has no runs: run the panel first (panel.run())")
-    eps, lr, beta = float(values["eps"]), float(values["lr"]), float(values["beta"])
-    opts = [o for o in OPTIMIZERS if o in set(sfo["optimizer"])]
+    if runs is None or len(runs) == 0:
+        raise ValueError("runs is empty: run the panel first (panel.run())")
+    eps = float(values["eps"])
+    opts = [o for o in OPTIMIZERS if o in set(runs["optimizer"])]
     fig = sized_figure(fig, (4.4 * max(len(opts), 2) + 1, 7.6))
     mosaic = [opts, ["sfo"] * (len(opts) - 1) + ["c2"]] if len(opts) > 1 else \
         [[opts[0], "sfo", "c2"]]
     axes = fig.subplot_mosaic(mosaic)
-    sizes = sorted(set(int(b) for b in sfo["batch_size"]))
+    sizes = sorted(set(int(b) for b in runs["batch_size"]))
     norm = mpl.colors.Normalize(math.log2(sizes[0]) - 0.5, math.log2(sizes[-1]) + 0.5)
     cmap = mpl.colormaps["viridis"]
     for opt in opts:
         ax = axes[opt]
-        for _, r in sfo[sfo["optimizer"] == opt].sort_values("batch_size").iterrows():
-            norms = load_grad_norms(r["folder"])
+        for _, r in runs[runs["optimizer"] == opt].sort_values("batch_size").iterrows():
+            norms = store.read_grad_norms(r["folder"])
             if norms is None or norms.size == 0:
                 continue
-            m = running_mean(norms)
+            m = lk_sfo.running_mean(norms)
             idx = _thin(m.size)
             b = int(r["batch_size"])
             color = cmap(norm(math.log2(b)))
@@ -642,16 +402,15 @@ def figure(sfo: Any, values: Mapping[str, Any], c2_measured: Mapping[str, float]
         ax.set_title(f"{OPTIMIZER_LABELS[opt]}: the test passes at T·b", fontsize="medium")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="x-small")
-    table = sfo_table(sfo)
+    curves = lk_sfo.sfo_curves(runs)
     ax = axes["sfo"]
-    if any(is_finite(v) for row in table.values() for v in row.values()):
-        plot_sfo_vs_batch_size(table, paper=True, ax=ax)
+    if any(c.critical_batch_size is not None for c in curves):
+        plot_sfo_vs_batch_size(curves, paper=True, ax=ax)
     else:
         ax.text(0.5, 0.5, f"no batch size reached ε = {eps:g}:\nraise ε or train longer",
                 ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"SFO complexity T·b (Sato & Iiduka 2024, Fig. 4), ε = {eps:g}", fontsize="medium")
-    b_star = critical_batch_sizes(table)
-    bounds = c2_bounds(b_star, lr=lr, eps=eps, beta=beta)
+    bounds = {c.optimizer: c.c2_upper_bound for c in curves}
     _c2_bars(axes["c2"], opts, bounds, c2_measured or {})
     return fig
 

@@ -2,13 +2,14 @@
 
 Reproduces Sato & Iiduka (2024) Figs. 5-7 (arXiv:2402.02325, §5.1): test accuracy
 against the batch size b and against the smoothing degree delta of eqs. (12)-(14)
-(:func:`labkit.noise.smoothing_degree`), with C^2 (and K^2 for SHB) either measured at the runs'
-final weights or the paper's values. Book: chapters 6 (smoothing) and 8 (smoothing degree and
-generalization).
+(:func:`labkit.critical.smoothing_degree`), with C^2 (and K^2 for SHB) either measured at the
+runs' final weights (in fp32, TF32 off) or the paper's C^2 bounds with the K of the authors' code.
+Book: chapters 6 (smoothing) and 8 (smoothing degree and generalization).
 
 Lab 4 trains the sweep of lab 3 (SGD, SHB and NSHB over a grid of batch sizes): its grid, run
 names, selectors and C^2 measurement come from :mod:`labkit.labs.lab3`; what is lab 4's own is
-here.
+here. Lab 4's runs are plain training (``precision="auto"``: bf16 autocast on CUDA); only lab
+3's runs are measurements in fp32.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from labkit import critical
-from labkit import noise as lk_noise
 from labkit import widgets as lk_widgets
 from labkit.labs import lab3
 from labkit.labs.lab3 import (
@@ -56,7 +56,7 @@ __all__ = [
 LAB_ID = "lab4_smoothing_generalization"
 
 _C2_SOURCES = {"measured": "measured at your runs' final weights",
-               "paper": "the paper's values (ResNet-18, CIFAR-100)"}
+               "paper": "the paper's C² bounds, K of the authors' code (ResNet-18, CIFAR-100)"}
 
 _DEFAULTS = {
     # CPU, generated 10-class data, tiny CNN: 12 runs of 3 epochs.
@@ -102,8 +102,9 @@ def validate(values: Mapping[str, Any]) -> list[str]:
 
 def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
     """The runs lab 4's knobs ask for: optimizer x batch size x seed (as
-    :func:`labkit.labs.lab3.grid`)."""
-    return lab3.grid(values)
+    :func:`labkit.labs.lab3.grid`), trained with ``precision="auto"`` (plain training: bf16
+    autocast on CUDA)."""
+    return lab3.grid({**values, "precision": "auto"})
 
 
 def label(config: TrainConfig) -> str:
@@ -148,9 +149,8 @@ def constants(panel: Any) -> dict[str, Any]:
     ``"measured"``: the largest C^2 and ||grad f||^2 measured at the final weights of each
     optimizer's finished runs (:func:`labkit.labs.lab3.gradient_stats_of_sweep`; lower
     estimates of the paper's constants, which bound every iterate). ``"paper"``: the C^2 bounds
-    of Sato & Iiduka (2024) §4.3 and K = 1.77 for SHB from the authors' code (upper bounds, for
-    ResNet-18
-    on CIFAR-100).
+    of Sato & Iiduka (2024) §4.3 and K = 1.77 for SHB from the authors' code, not the article
+    (upper bounds, for ResNet-18 on CIFAR-100).
 
     Returns:
         ``{"source": ..., "c2": {optimizer: C^2}, "k2": K^2 or None (no SHB run)}``.
@@ -171,7 +171,7 @@ def constants(panel: Any) -> dict[str, Any]:
 def delta_table(*, lr: float, beta: float, c2: Mapping[str, float], k2: float | None,
                 batch_sizes: Sequence[int]) -> dict[str, dict[int, float]]:
     """``{optimizer: {batch size: delta}}``, Sato & Iiduka (2024) eqs. (12)-(14)
-    (:func:`labkit.noise.smoothing_degree`), for each optimizer of ``c2``.
+    (:func:`labkit.critical.smoothing_degree`), for each optimizer of ``c2``.
 
     Raises:
         ValueError: SHB without ``k2``, or a bad lr / beta / C^2 / batch size.
@@ -181,7 +181,7 @@ def delta_table(*, lr: float, beta: float, c2: Mapping[str, float], k2: float | 
         if opt == "shb" and k2 is None:
             raise ValueError("k2 (K^2, a bound on E||grad f||^2) is required for SHB's delta "
                              "(Sato & Iiduka (2024) eq. (13)); the authors' code uses K = 1.77")
-        out[opt] = {int(b): float(lk_noise.smoothing_degree(
+        out[opt] = {int(b): float(critical.smoothing_degree(
             opt, lr=lr, batch_size=int(b), c2=float(c2[opt]), beta=beta, k2=k2))
             for b in sorted(batch_sizes)}
     return out
@@ -189,7 +189,8 @@ def delta_table(*, lr: float, beta: float, c2: Mapping[str, float], k2: float | 
 
 def paper_delta_table() -> dict[str, dict[int, float]]:
     """:func:`delta_table` with the paper's values: eta = 0.1, beta = 0.9, the C^2 bounds
-    1280 / 25.318 / 128, K = 1.77 for SHB, b = 2^3 ... 2^13 (Sato & Iiduka (2024) Fig. 5)."""
+    1280 / 25.318 / 128, b = 2^3 ... 2^13 (Sato & Iiduka (2024) Fig. 5), and K = 1.77 for SHB
+    from the authors' code (the article gives no K)."""
     pv = critical.PAPER_VALUES
     return delta_table(lr=pv["lr"], beta=pv["beta"], c2=pv["c2_upper_bound"],
                        k2=pv["k"]["shb"] ** 2, batch_sizes=pv["batch_sizes"])
@@ -214,7 +215,8 @@ def figure(results: Any, values: Mapping[str, Any], constants: Mapping[str, Any]
     accuracy against delta.
 
     delta comes from each run's lr, b and beta with ``constants`` (:func:`constants`).
-    Paper overlays, labelled as the paper's: the delta curves of its C^2 bounds and K (dashed),
+    Paper overlays, labelled as the paper's: the delta curves of its C^2 bounds with the K of
+    the authors' code (dashed),
     its range of delta that generalized best (0.2 to 1, shaded) and, outside the smoke profile,
     its accuracy bands (>= 70% high, >= 65% intermediate).
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from labkit import widgets as lk_widgets
 from labkit.labs.setup import check_profile, is_int_at_least, is_positive, selection_messages
+from labkit.precision import strict_fp32
 from labkit.train import PROFILES, SMOKE_SIZES, TrainConfig
 
 __all__ = [
@@ -63,7 +64,8 @@ LRS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.5)
 BATCH_SIZES: tuple[int, ...] = tuple(2**k for k in range(1, 14))
 #: Where the C^2 of delta comes from.
 C2_SOURCES: dict[str, str] = {
-    "paper": "Sato & Iiduka's (2024) bounds: C² = 1280 / 25.318 / 128, K = 1.77 (SHB)",
+    "paper": "Sato & Iiduka's (2024) C² bounds 1280 / 25.318 / 128; K = 1.77 (SHB) from the "
+             "authors' code",
     "measured": "measured: gradient variance at each run's final weights",
 }
 #: Sato & Iiduka (2024, arXiv:2402.02325) §5.3 / Fig. 8.
@@ -236,6 +238,7 @@ _COLUMNS = ("run", "optimizer", "lr", "batch_size", "beta", "seed", "status",
                  "epochs_completed", "test_acc", "c2", "k2", "delta", "sharpness")
 
 
+@strict_fp32()  # the sharpness and C^2 are measurements: IEEE fp32, TF32 off
 def measure(
     results: Any,
     sweep_dir: str | Path,
@@ -261,8 +264,9 @@ def measure(
     :func:`labkit.experiments.measure_sharpness` on the first ``n_batches`` x
     ``sharpness_batch_size`` training images, as the authors' code (cached in the run folder,
     so a second call is instant); ``delta`` from :func:`labkit.noise.smoothing_degree`
-    with the C^2 (and K^2 for SHB) of ``c2_source``: the paper's bounds
-    (:data:`labkit.critical.PAPER_VALUES`, K = 1.77 for SHB) or
+    with the C^2 (and K^2 for SHB) of ``c2_source``: the paper's C^2 bounds
+    (:data:`labkit.critical.PAPER_VALUES`) with K = 1.77 for SHB from the authors' code (not
+    the article), or
     :func:`gradient_variance` at the run's weights. Runs that did not finish (diverged,
     stopped, failed) get NaN sharpness (and NaN delta with measured C^2).
 
