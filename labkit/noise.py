@@ -614,3 +614,145 @@ class DirectionNoiseTracker:
             raise ValueError("no measurement recorded yet; call step(measure=True) first")
         values = [r.full_grad_norm_sq for r in self.records]
         return max(values) if reduce == "max" else sum(values) / len(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient noise scale B_simple (McCandlish et al. (2018), "An empirical model of large-batch
+# training", arXiv:1812.06162, §2.2 and Appendix A). Book: chapter 8, "Large-batch training".
+# ---------------------------------------------------------------------------------------------
+
+
+# Listed here rather than in __all__ above, so that this section is self-contained.
+__all__ += ["NoiseScale", "gradient_noise_scale", "noise_scale", "noise_scale_from_batch_norms"]
+
+
+@dataclass(frozen=True)
+class NoiseScale:
+    """The simple gradient noise scale B_simple = tr(Sigma) / |G|^2 and its two parts.
+
+    Attributes:
+        trace_sigma: tr(Sigma), the trace of the covariance of one example's gradient, which is
+            C^2 of Sato & Iiduka (2024) (squared gradient units).
+        grad_norm_sq: |G|^2 = ||grad f(x)||^2 (squared gradient units).
+        b_simple: tr(Sigma) / |G|^2, in examples (a batch size); ``math.inf`` when |G|^2 <= 0
+            (at a stationary point, or when a two-batch estimate of |G|^2 came out <= 0).
+    """
+
+    trace_sigma: float
+    grad_norm_sq: float
+    b_simple: float
+
+
+def _ratio(trace_sigma: float, grad_norm_sq: float) -> NoiseScale:
+    b = trace_sigma / grad_norm_sq if grad_norm_sq > 0 else math.inf
+    return NoiseScale(trace_sigma=trace_sigma, grad_norm_sq=grad_norm_sq, b_simple=b)
+
+
+def noise_scale(stats: GradientStats) -> NoiseScale:
+    """B_simple = tr(Sigma) / |G|^2 from the statistics :func:`gradient_variance` returns.
+
+    With per-example gradients g_i and their mean G over n examples, tr(Sigma) is
+    (1/n) sum_i ||g_i - G||^2 = ``stats.c2`` and |G|^2 is ``stats.full_grad_norm_sq``.
+    A mini-batch of b examples drawn with replacement then has
+    E||g_b||^2 = |G|^2 + tr(Sigma) / b = |G|^2 (1 + B_simple / b): at b = B_simple the noise
+    and the signal in the squared mini-batch gradient norm are equal.
+    """
+    if not isinstance(stats, GradientStats):
+        raise TypeError(
+            f"stats must be the GradientStats that gradient_variance returns, got "
+            f"{type(stats).__name__}"
+        )
+    if stats.c2 == 0 and stats.full_grad_norm_sq == 0:
+        raise ValueError(
+            "every per-example gradient is zero (c2 = 0 and full_grad_norm_sq = 0), so "
+            "B_simple = tr(Sigma) / |G|^2 is 0 / 0; measure at a point where the loss is not flat"
+        )
+    return _ratio(stats.c2, stats.full_grad_norm_sq)
+
+
+def gradient_noise_scale(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    *,
+    chunk_size: int = 64,
+    params: ParamSpec = None,
+) -> NoiseScale:
+    """McCandlish et al.'s simple noise scale B_simple = tr(Sigma) / |G|^2 at the model's point.
+
+    Computed exactly from the per-example gradients of :func:`gradient_variance` (same
+    arguments, same eval-mode and float64 conventions): tr(Sigma) = C^2 and
+    |G|^2 = ||grad f(x)||^2 over the given examples. McCandlish et al. (2018) show that, for
+    SGD near x with an optimally tuned step, the batch size at which doubling the batch stops
+    nearly halving the number of steps is about B_simple (exactly so for a quadratic loss with
+    a Hessian proportional to the identity). Book, chapter 8, compares it with the critical
+    batch size b* of Sato & Iiduka (2024).
+
+    Returns:
+        :class:`NoiseScale` (trace_sigma, grad_norm_sq, b_simple in examples).
+    """
+    return noise_scale(
+        gradient_variance(model, loss_fn, data, chunk_size=chunk_size, params=params)
+    )
+
+
+def _mean_of(name: str, values: Any) -> float:
+    """Mean of one squared norm or a sequence (or tensor) of them, each >= 0 and finite."""
+    if isinstance(values, Tensor):
+        values = values.detach().to("cpu", torch.float64).reshape(-1).tolist()
+    elif isinstance(values, numbers.Real) and not isinstance(values, bool):
+        values = [values]
+    try:
+        arr = [float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a squared norm >= 0 or a sequence of them, "
+                        f"got {values!r}") from err
+    if not arr:
+        raise ValueError(f"{name} is empty; pass at least one squared gradient norm")
+    bad = [v for v in arr if not (v >= 0 and math.isfinite(v))]
+    if bad:
+        raise ValueError(f"{name} must be >= 0 and finite, got {bad[0]!r}")
+    return math.fsum(arr) / len(arr)
+
+
+def noise_scale_from_batch_norms(
+    small_norm_sq: Any, small_batch: int, big_norm_sq: Any, big_batch: int
+) -> NoiseScale:
+    """B_simple from squared mini-batch gradient norms at two batch sizes (no per-example grads).
+
+    McCandlish et al. (2018), Appendix A.1: with |g_B|^2 the squared norm of a mini-batch
+    gradient over B examples, E|g_B|^2 = |G|^2 + tr(Sigma) / B, so two batch sizes
+    B_small < B_big give the unbiased estimates
+
+        |G|^2     = (B_big E|g_big|^2 - B_small E|g_small|^2) / (B_big - B_small),
+        tr(Sigma) = (E|g_small|^2 - E|g_big|^2) / (1 / B_small - 1 / B_big).
+
+    Each argument ``*_norm_sq`` is one squared norm or a sequence of them (for example one per
+    training step, as in data-parallel training where the small batch is one worker's and the
+    big batch all workers'); their means are used, and the ratio is taken after averaging
+    because the ratio of two noisy estimates is biased. Averaged over too few draws, either
+    estimate can come out negative, and then ``b_simple`` is meaningless (negative, or
+    ``math.inf`` when the |G|^2 estimate is <= 0).
+
+    Args:
+        small_norm_sq: |g_B|^2 at batch size ``small_batch`` (>= 0; float or sequence).
+        small_batch: B_small >= 1.
+        big_norm_sq: |g_B|^2 at batch size ``big_batch`` (>= 0; float or sequence).
+        big_batch: B_big > B_small.
+
+    Returns:
+        :class:`NoiseScale` with the two estimates and their ratio.
+    """
+    for name, b in (("small_batch", small_batch), ("big_batch", big_batch)):
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {b!r}")
+    if big_batch <= small_batch:
+        raise ValueError(
+            f"big_batch must be larger than small_batch, got big_batch={big_batch} and "
+            f"small_batch={small_batch}"
+        )
+    small = _mean_of("small_norm_sq", small_norm_sq)
+    big = _mean_of("big_norm_sq", big_norm_sq)
+    grad_norm_sq = (big_batch * big - small_batch * small) / (big_batch - small_batch)
+    trace_sigma = (small - big) / (1.0 / small_batch - 1.0 / big_batch)
+    return _ratio(trace_sigma, grad_norm_sq)

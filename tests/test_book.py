@@ -1,12 +1,15 @@
 """The built book: a clean build with warnings as errors, a self-contained site (scripts, fonts
 and the math renderer served from the site itself, so it works offline and on hubs without
-internet), internal links and cross-references that resolve, and JupyterHub launch links.
+internet), internal links and cross-references that resolve, JupyterHub launch links, no math
+left unrendered, figures in the shared style (book/figstyle.py), and sources cited by author and
+year, never as "seed NNN".
 
 The build itself is the session fixture `built_book` in conftest.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import posixpath
 import re
 from html.parser import HTMLParser
@@ -324,3 +327,237 @@ def test_notebook_page_launches_on_the_jupyterhub_with_nbgitpuller(pages, docnam
     clone = f"{ui}/{PurePosixPath(urlsplit(repo_url).path).name}/"
     urlpath = query["urlpath"][0]
     assert urlpath == clone + source.relative_to(ROOT).as_posix()  # no "./" or "//" in it
+
+
+# ---------------------------------------------------------------------------------------------
+# Math that MathJax will not typeset: the HTML must hold formulas only inside the elements of
+# class "math" that the build writes (MathJax is told to look nowhere else).
+# ---------------------------------------------------------------------------------------------
+
+EM_OPEN, EM_CLOSE = "\x01", "\x02"  # where <em> and </em> were, in VisibleText.text
+BLOCKS = {"p", "li", "div", "td", "th", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "br",
+          "figcaption", "caption", "section", "table", "tr", "ul", "ol", "dl", "blockquote"}
+
+
+class VisibleText(HTMLParser):
+    """The text a reader sees as prose: without code, scripts, styles, SVG and typeset math
+    (elements of class "math"), with the positions of <em> and </em> marked, and the title and
+    alt attributes (tooltips) collected separately."""
+
+    SKIP_TAGS = {"script", "style", "pre", "code", "kbd", "samp", "textarea", "svg", "noscript"}
+    SKIP_CLASSES = {"math", "highlight"}
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.tooltips: list[str] = []
+        self._skip: tuple[str, int] | None = None  # (tag that opened the skipped part, depth)
+        self.feed(text)
+        self.close()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if self._skip is not None:
+            if tag == self._skip[0]:
+                self._skip = (tag, self._skip[1] + 1)
+            return
+        self.tooltips += [a[k] for k in ("title", "alt") if a.get(k)]
+        if tag in self.SKIP_TAGS or self.SKIP_CLASSES & set(a.get("class", "").split()):
+            self._skip = (tag, 1)
+        elif tag == "em":
+            self.parts.append(EM_OPEN)
+        elif tag in BLOCKS:
+            self.parts.append("\n")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self._skip is None:
+            a = {k: v or "" for k, v in attrs}
+            self.tooltips += [a[k] for k in ("title", "alt") if a.get(k)]
+            if tag in BLOCKS:
+                self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._skip is not None:
+            if tag == self._skip[0]:
+                depth = self._skip[1] - 1
+                self._skip = None if depth == 0 else (tag, depth)
+            return
+        if tag == "em":
+            self.parts.append(EM_CLOSE)
+        elif tag in BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if self._skip is None:
+            self.parts.append(data)
+
+
+UNRENDERED = [
+    ("a dollar sign (TeX delimiter)", re.compile(r"\$")),
+    ("a TeX delimiter \\( \\) \\[ \\]", re.compile(r"\\[()\[\]]")),
+    ("a TeX command", re.compile(r"\\(?:[A-Za-z]+|[{}|,;!])")),
+    ("math split by <em> (an underscore read as emphasis)",
+     re.compile(f"[\\w}}^_]{EM_OPEN}|{EM_CLOSE}[\\w{{^_]")),
+]
+
+
+def unrendered_math(html: str) -> list[str]:
+    """Every place where TeX would reach the reader as raw text: a description and the context."""
+    page = VisibleText(html)
+    found = []
+    for where, text in [("text", page.text)] + [("tooltip", t) for t in page.tooltips]:
+        for what, pattern in UNRENDERED:
+            if where == "tooltip" and pattern is UNRENDERED[3][1]:
+                continue
+            for m in pattern.finditer(text):
+                context = text[max(0, m.start() - 50): m.end() + 30]
+                context = context.replace(EM_OPEN, "<em>").replace(EM_CLOSE, "</em>")
+                found.append(f"{what} in the {where}: ...{' '.join(context.split())}...")
+    return found
+
+
+def test_no_math_is_left_unrendered(built_book, pages):
+    bad = [f"{name}: {problem}" for name in pages
+           for problem in unrendered_math((built_book.html / name).read_text(encoding="utf-8"))]
+    assert not bad, f"{len(bad)} places, first ones:\n" + "\n".join(bad[:20])
+
+
+def test_the_math_check_catches_offenders():
+    fine = (
+        '<p>fine: <span class="math notranslate nohighlight">\\(\\mathcal{G}_T\\)</span> and '
+        '<code>$x$</code> and <em>emphasis</em>, here.</p>'
+        '<div class="math notranslate nohighlight"><span>\\[x_{t+1} = x_t\\]</span></div>'
+        '<div class="highlight"><pre>r"$\\eta$"</pre></div><svg><text>$y$</text></svg>'
+        '<a title="Nesterov, rate O(1/k²)" href="#r">[N83]</a>'
+    )
+    assert unrendered_math(fine) == []
+    bad = (
+        '<p>raw dollars $O(1/k^2)$ in a title.</p>'
+        '<li><p>(SHB) $\\mathcal{G}<em>T \\le V</em>{\\mathrm{SHB}}$</p></li>'
+        '<p>an escaped \\(x\\) formula</p>'
+        '<a title="Nesterov, rate $O(1/k^2)$" href="#r">[N83]</a>'
+    )
+    found = unrendered_math(bad)
+    assert any("dollar" in f and "O(1/k^2)" in f and "text" in f for f in found)
+    assert any("dollar" in f and "tooltip" in f for f in found)
+    assert any("TeX command" in f and "mathcal" in f for f in found)
+    assert any("split by <em>" in f for f in found)
+    assert any("delimiter" in f and "escaped" in f for f in found)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: cited by author and year with a bibliography entry, never as "seed NNN".
+# ---------------------------------------------------------------------------------------------
+
+SEED_WORDS = re.compile(r"\bseed\s*0\d\d\b", re.IGNORECASE)
+#: The bibliography entries of the five source documents of the course (book/references.bib).
+SOURCE_KEYS = ("anon-power-eta-thesis", "sato2024talk", "yang2019optimization",
+               "suzuki2020seminar", "anon-momentum-article")
+
+
+def test_no_seed_numbers_in_the_book_labs_or_package():
+    files = [p for folder in ("book", "labs", "labkit") for p in sorted((ROOT / folder).rglob("*"))
+             if p.is_file() and p.suffix in {".md", ".py", ".ipynb", ".bib", ".yml", ".js"}
+             and ".ipynb_checkpoints" not in p.parts]
+    files += [ROOT / "_toc.yml", ROOT / "_config.yml"]
+    bad = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in files
+           for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+           if SEED_WORDS.search(line)]
+    assert not bad, "\n".join(bad)
+    assert SEED_WORDS.search("as in Seed 004") and not SEED_WORDS.search("manual_seed(0)")
+
+
+def test_every_source_document_has_an_entry_and_is_cited():
+    bib = (ROOT / "book/references.bib").read_text(encoding="utf-8")
+    chapters = "".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "book").glob("*.md")))
+    for key in SOURCE_KEYS:
+        entry = re.search(r"@\w+\{" + re.escape(key) + r",(.*?)\n\}", bib, re.S)
+        assert entry, f"no bibliography entry {key}"
+        for field in ("author", "title", "howpublished"):
+            assert re.search(rf"^\s*{field}\s*=", entry[1], re.M), f"{key} has no {field}"
+        # a year, or a note that says the document has none
+        assert re.search(r"^\s*(year\s*=|note\s*=\s*\{Undated)", entry[1], re.M), key
+        assert re.search(r"`[^`]*\b" + re.escape(key) + r"\b[^`]*`", chapters), f"{key} never cited"
+
+
+def test_the_source_entries_show_in_the_bibliography(built_book):
+    text = (built_book.html / "book/references.html").read_text(encoding="utf-8")
+    for words in ("Anonymous (Meiji University)", "Sen Yang", "Taiji Suzuki",
+                  "momentum does not reduce stochastic noise", "arXiv:2402.02325v1"):
+        assert words.lower() in text.lower(), words
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: every chapter uses the shared style, whose checks run when the chapter is built.
+# ---------------------------------------------------------------------------------------------
+
+
+def chapter_sources() -> dict[str, str]:
+    return {f: (ROOT / f"{f}.md").read_text(encoding="utf-8") for f in toc_files()
+            if f.startswith("book/") and (ROOT / f"{f}.md").exists()}
+
+
+def figstyle_module():
+    spec = importlib.util.spec_from_file_location("figstyle", ROOT / "book/figstyle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_figure_cell_uses_the_shared_style():
+    checked = 0
+    for name, text in chapter_sources().items():
+        cells = re.findall(r"```\{code-cell\}[^\n]*\n(.*?)\n```", text, re.S)
+        figures = [c for c in cells if "figure:" in c and "caption:" in c]
+        assert "plt.show()" not in text, f"{name}: use figstyle.show(fig), which checks the figure"
+        if figures:
+            assert "figstyle.use()" in text, f"{name} draws figures without figstyle.use()"
+        for cell in figures:
+            assert "figstyle.show(fig)" in cell, f"{name}: a figure cell without figstyle.show"
+            checked += 1
+    assert checked >= 25
+
+
+def test_the_figure_checks_catch_offenders():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figstyle = figstyle_module()
+    with matplotlib.rc_context(figstyle.STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(figstyle.WIDTH, 3))
+        axes[0].plot([0, 1], [0, 1], label="a")
+        axes[0].legend()
+        axes[1].plot([0, 1], [1, 0])
+        axes[1].set_xlabel("time")
+        assert figstyle.check(fig) == ["panel 'time' has no legend"]
+        axes[1].legend(["b"])
+        assert figstyle.check(fig) == []
+        fig.set_figwidth(2 * figstyle.PAGE_WIDTH_IN)  # shown at half size: 10 pt becomes 5 pt
+        assert any("pt at the page width" in p for p in figstyle.check(fig))
+        fig.set_figwidth(figstyle.WIDTH)
+        axes[0].set_title("small", fontsize=7)
+        assert [p for p in figstyle.check(fig) if "'small'" in p]
+        with pytest.raises(ValueError, match="breaks the book's figure rules"):
+            figstyle.show(fig)
+        plt.close("all")
+
+
+def test_chapter_figures_are_svg(built_book, pages):
+    images = [url for name, page in pages.items() if name.startswith("book/")
+              for what, url in page.loads if what == "<img src>" and "_images/" in url]
+    assert len(images) >= 25
+    assert not [u for u in images if not u.endswith(".svg")]
+
+
+def test_interactive_figures_are_served_by_the_site(built_book):
+    for page in ("book/ch06_smoothing.html", "book/ch07_graduated.html"):
+        html = (built_book.html / page).read_text(encoding="utf-8")
+        assert html.count('class="labkit-interactive"') == 1, page
+        assert "_static/labkit-interactive.js" in html and "_static/labkit-interactive.css" in html
+    assert (built_book.html / "_static/labkit-interactive.js").is_file()

@@ -1,7 +1,9 @@
 """A real browser reads the built book offline: headless Chromium (Debian's `chromium` and
 `chromium-driver`, installed by `bash .ci/test`) opens the intro and chapters from a local
-http.server and checks that every formula is typeset by MathJax, every image loads, nothing is
-requested from another host and the console shows no error.
+http.server and checks that every formula is typeset by MathJax, every image loads, figures are
+shown at least as wide as book/figstyle.py assumes, nothing is requested from another host and
+the console shows no error. The interactive figures of chapters 6 and 7 redraw when a reader
+moves their slider or picks another option.
 
 The book is built once per session by the `built_book` fixture in conftest.py.
 """
@@ -27,7 +29,15 @@ PAGES = {
     "book/ch01_learning.html": True,
     "book/ch03_sgd_momentum.html": True,
     "book/ch06_smoothing.html": True,
+    "book/ch07_graduated.html": True,
+    "book/ch08_momentum_noise.html": True,
+    "book/appendix_convexity.html": True,
 }
+#: The pages with interactive figures (book/_static/labkit-interactive.js).
+INTERACTIVE = ["book/ch06_smoothing.html", "book/ch07_graduated.html"]
+#: book/figstyle.py's PAGE_WIDTH_IN in CSS pixels: the width at which its font-size check
+#: assumes a figure is shown (narrower only if the figure itself is narrower).
+PAGE_WIDTH_PX = 6.8 * 96
 
 # Wait for MathJax's startup promise (it resolves after the first typesetting pass) and for
 # the fonts it asked for, then count what it produced.
@@ -56,6 +66,34 @@ Promise.all(images.map(img => {
   return img.complete ? null : new Promise(r => {
     img.addEventListener("load", r); img.addEventListener("error", r); });
 })).then(() => done(images.map(img => [img.getAttribute("src"), img.naturalWidth])));
+"""
+
+
+# The displayed and the natural width (CSS pixels) of every figure of a chapter.
+FIGURE_WIDTHS_SCRIPT = """
+return [...document.images].filter(img => img.src.includes("_images/"))
+  .map(img => [img.getAttribute("src"), img.naturalWidth, img.getBoundingClientRect().width]);
+"""
+
+# The state of every interactive figure: its frame, the curves it draws and its legend.
+INTERACTIVE_STATE_SCRIPT = """
+return [...document.querySelectorAll(".labkit-interactive")].map(fig => ({
+  id: fig.id,
+  frame: fig.getAttribute("data-frame"),
+  paths: [...fig.querySelectorAll(".lk-frame-series path")].map(p => p.getAttribute("d")),
+  legend: [...fig.querySelectorAll(".lk-legend-item")].map(e => e.textContent),
+  readout: (fig.querySelector(".lk-readout") || {}).textContent,
+  sliders: fig.querySelectorAll("input[type=range]").length,
+  options: fig.querySelectorAll("input[type=radio]").length,
+}));
+"""
+
+# Move the slider of figure arguments[0] to position arguments[1], as a reader's drag does.
+MOVE_SLIDER_SCRIPT = """
+const slider = document.getElementById(arguments[0]).querySelector("input[type=range]");
+slider.value = String(arguments[1]);
+slider.dispatchEvent(new Event("input", {bubbles: true}));
+return Number(slider.max);
 """
 
 
@@ -136,6 +174,10 @@ def test_page_renders_offline_in_chromium(site, browser, page):
     if PAGES[page]:
         figures = [src for src, _ in images if "_images/" in src]
         assert figures, f"{page}: no figure (matplotlib output) on the page"
+        shown = browser.execute_script(FIGURE_WIDTHS_SCRIPT)
+        narrow = [(src, natural, width) for src, natural, width in shown
+                  if width < min(natural, PAGE_WIDTH_PX) - 2]
+        assert not narrow, f"{page}: figures shown narrower than the page width: {narrow}"
 
     requested = []
     for entry in browser.get_log("performance"):
@@ -150,5 +192,49 @@ def test_page_renders_offline_in_chromium(site, browser, page):
     # Every request succeeds, the icon included (the pages name it, so no /favicon.ico guess).
     assert not [(code, path) for code, path in served if code >= 400]
 
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, f"{page}: console errors:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("page", INTERACTIVE)
+def test_interactive_figure_redraws_when_the_slider_moves(site, browser, page):
+    base, served = site
+    browser.get_log("browser")
+    del served[:]
+    browser.get(base + page)
+    assert browser.execute_script("return document.readyState") == "complete"
+    figures = browser.execute_script(INTERACTIVE_STATE_SCRIPT)
+    assert len(figures) == 1, f"{page}: {len(figures)} interactive figures"
+    before = figures[0]
+    assert before["sliders"] == 1 and before["paths"] and before["legend"], before
+    assert before["frame"] and all(p.startswith("M") for p in before["paths"])
+
+    from selenium.webdriver.common.by import By
+
+    top = browser.execute_script(MOVE_SLIDER_SCRIPT, before["id"], 0)
+    states = []
+    for position in (0, top // 2, top):
+        browser.execute_script(MOVE_SLIDER_SCRIPT, before["id"], position)
+        state = browser.execute_script(INTERACTIVE_STATE_SCRIPT)[0]
+        assert state["frame"].endswith(f":{position}"), (position, state["frame"])
+        states.append(state)
+    for a, b in zip(states, states[1:], strict=False):
+        assert a["paths"] != b["paths"], f"{page}: moving the slider did not change the figure"
+        assert a["readout"] != b["readout"]
+
+    # A reader's drag with the keyboard: the slider has the focus and the arrow key moves it.
+    slider = browser.find_element(By.CSS_SELECTOR, f"#{before['id']} input[type=range]")
+    slider.send_keys("\ue012")  # arrow left
+    after_key = browser.execute_script(INTERACTIVE_STATE_SCRIPT)[0]
+    assert after_key["frame"].endswith(f":{top - 1}") and after_key["paths"] != states[-1]["paths"]
+
+    if before["options"]:
+        radios = browser.find_elements(By.CSS_SELECTOR, f"#{before['id']} input[type=radio]")
+        radios[1].click()
+        picked = browser.execute_script(INTERACTIVE_STATE_SCRIPT)[0]
+        assert picked["frame"].startswith("1:") and picked["paths"] != after_key["paths"]
+        assert picked["legend"] != after_key["legend"]
+
+    assert not [(code, path) for code, path in served if code >= 400]
     errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, f"{page}: console errors:\n" + "\n".join(errors)

@@ -623,3 +623,136 @@ def test_the_measurements_run_with_tf32_off():
     assert seen == {("ieee", "ieee")}
     assert (torch.backends.cudnn.conv.fp32_precision,
             torch.backends.cuda.matmul.fp32_precision) == before
+
+
+# ------------------------------------------------ gradient noise scale B_simple (McCandlish et al.)
+# Names are imported inside the tests so that this section does not touch the import block above.
+
+
+def test_noise_scale_matches_per_example_loop():
+    from labkit.noise import NoiseScale, gradient_noise_scale
+
+    model = make_mlp(seed=9)
+    x, y = mlp_data()
+    ref = reference_stats(per_example_grads(model, x, y))
+    ns = gradient_noise_scale(model, CE, (x, y), chunk_size=7)
+    assert isinstance(ns, NoiseScale)
+    assert ns.trace_sigma == pytest.approx(ref["c2"], rel=1e-10)
+    assert ns.grad_norm_sq == pytest.approx(ref["full"], rel=1e-10)
+    assert ns.b_simple == pytest.approx(ref["c2"] / ref["full"], rel=1e-10)
+
+
+def test_noise_scale_closed_form_least_squares():
+    """f_i(w) = (a_i . w - y_i)^2 / 2 has g_i = r_i a_i with residual r_i = a_i . w - y_i, so
+    tr(Sigma) = (1/n) sum_i ||r_i a_i - G||^2 and G = (1/n) sum_i r_i a_i in closed form."""
+    from labkit.noise import gradient_noise_scale
+
+    g = torch.Generator().manual_seed(10)
+    n, d = 50, 4
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
+    r = a @ model.weight.detach()[0] - y
+    G = (r[:, None] * a).mean(0)
+    trace = float(((r[:, None] * a - G) ** 2).sum(1).mean())
+
+    def half_sq(out, target):
+        return 0.5 * (out[:, 0] - target) ** 2
+
+    ns = gradient_noise_scale(model, half_sq, (a, y), chunk_size=16)
+    assert ns.trace_sigma == pytest.approx(trace, rel=1e-12)
+    assert ns.grad_norm_sq == pytest.approx(float(G @ G), rel=1e-12)
+    assert ns.b_simple == pytest.approx(trace / float(G @ G), rel=1e-12)
+
+
+def test_noise_scale_monte_carlo_two_batch_estimator():
+    """E|g_B|^2 = |G|^2 + tr(Sigma)/B for batches drawn with replacement, and McCandlish et al.'s
+    two-batch estimator recovers tr(Sigma), |G|^2 and B_simple from sampled mini-batch norms."""
+    from labkit.noise import gradient_noise_scale, noise_scale_from_batch_norms
+
+    torch.manual_seed(11)
+    model = nn.Linear(3, 2).double()
+    n, draws = 30, 60000
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (n,), generator=g)
+    G = per_example_grads(model, x, y)
+    exact = gradient_noise_scale(model, CE, (x, y))
+    norms = {}
+    for b in (2, 16):
+        idx = torch.randint(0, n, (draws, b), generator=g)
+        sq = (G[idx].mean(1) ** 2).sum(1)
+        se = float(sq.std()) / math.sqrt(draws)
+        assert abs(float(sq.mean()) - (exact.grad_norm_sq + exact.trace_sigma / b)) < 4 * se
+        norms[b] = sq.numpy()
+    est = noise_scale_from_batch_norms(norms[2], 2, norms[16], 16)
+    assert est.trace_sigma == pytest.approx(exact.trace_sigma, rel=0.03)
+    assert est.grad_norm_sq == pytest.approx(exact.grad_norm_sq, rel=0.03)
+    assert est.b_simple == pytest.approx(exact.b_simple, rel=0.06)
+    # exact expectations in, exact values out
+    exp = {b: exact.grad_norm_sq + exact.trace_sigma / b for b in (2, 16)}
+    exact_in = noise_scale_from_batch_norms(exp[2], 2, [exp[16], exp[16]], 16)
+    assert exact_in.b_simple == pytest.approx(exact.b_simple, rel=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(scale=st.floats(1e-3, 1e3))
+def test_noise_scale_invariant_to_scaling_the_loss(scale):
+    from labkit.noise import gradient_noise_scale
+
+    model = make_mlp(seed=13)
+    x, y = mlp_data()
+    base = gradient_noise_scale(model, CE, (x, y))
+    scaled = gradient_noise_scale(model, lambda out, t: scale * CE(out, t), (x, y))
+    assert scaled.b_simple == pytest.approx(base.b_simple, rel=1e-9)
+    assert scaled.trace_sigma == pytest.approx(scale**2 * base.trace_sigma, rel=1e-9)
+
+
+def test_noise_scale_grows_as_the_gradient_vanishes():
+    """On the segment w_t = w* + t (w0 - w*) towards a least-squares solution w*, G shrinks like
+    t while the residuals, and so tr(Sigma), stay: B_simple grows like 1/t^2 and is inf at w*."""
+    from labkit.noise import gradient_noise_scale
+
+    g = torch.Generator().manual_seed(14)
+    a = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(40, generator=g, dtype=torch.float64)
+    w_star = torch.linalg.lstsq(a, y[:, None]).solution[:, 0]
+    w0 = torch.randn(3, generator=g, dtype=torch.float64)
+    model = nn.Linear(3, 1, bias=False).double()
+
+    def half_sq(out, target):
+        return 0.5 * (out[:, 0] - target) ** 2
+
+    values = []
+    for t in (1.0, 0.1, 0.01):
+        with torch.no_grad():
+            model.weight.copy_(w_star + t * (w0 - w_star))
+        values.append(gradient_noise_scale(model, half_sq, (a, y)).b_simple)
+    assert values[0] < values[1] < values[2]
+    assert values[2] > 500 * values[0]
+
+
+def test_noise_scale_errors_and_edge_cases():
+    from labkit.noise import GradientStats, noise_scale, noise_scale_from_batch_norms
+
+    with pytest.raises(TypeError, match="must be the GradientStats"):
+        noise_scale({"c2": 1.0})
+    with pytest.raises(ValueError, match="every per-example gradient is zero"):
+        noise_scale(GradientStats(c2=0.0, full_grad_norm_sq=0.0, mean_sq_grad_norm=0.0, n=3))
+    assert noise_scale(GradientStats(2.0, 0.0, 2.0, 3)).b_simple == math.inf
+    assert noise_scale(GradientStats(2.0, 0.5, 2.5, 3)).b_simple == 4.0
+    with pytest.raises(ValueError, match="big_batch must be larger than small_batch, got "
+                                         "big_batch=4 and small_batch=8"):
+        noise_scale_from_batch_norms(1.0, 8, 1.0, 4)
+    with pytest.raises(ValueError, match="small_batch must be an int >= 1, got 0"):
+        noise_scale_from_batch_norms(1.0, 0, 1.0, 4)
+    with pytest.raises(ValueError, match="big_batch must be an int >= 1, got 2.5"):
+        noise_scale_from_batch_norms(1.0, 1, 1.0, 2.5)
+    with pytest.raises(ValueError, match=r"small_norm_sq must be >= 0 and finite, got -1\.0"):
+        noise_scale_from_batch_norms([1.0, -1.0], 1, 1.0, 4)
+    with pytest.raises(ValueError, match="big_norm_sq is empty"):
+        noise_scale_from_batch_norms(1.0, 1, [], 4)
+    # an estimate of |G|^2 <= 0 (too little averaging) gives an infinite B_simple
+    assert noise_scale_from_batch_norms(4.0, 1, 0.5, 2).b_simple == math.inf
