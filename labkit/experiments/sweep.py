@@ -723,7 +723,7 @@ def plan_sweep(
             stored = index.points.get(h, {})
             if stored.get("status") == "failed":
                 status, error = "failed", stored.get("error")
-        points.append(PointResult(i, h, dataclasses.replace(cfg, out=str(folder)), status,
+        points.append(PointResult(i, h, cfg.relocated(out=str(folder)), status,
                                   str(folder), error=error))
     return points
 
@@ -816,7 +816,7 @@ def _run(
         if status in ("pending", "stopped") and old.get("status") == "failed":
             status, error = "failed", old.get("error")
         index.set(h, i, cfg.identity(), status, metrics, error)
-        points.append(PointResult(i, h, dataclasses.replace(cfg, out=str(folder)), status,
+        points.append(PointResult(i, h, cfg.relocated(out=str(folder)), status,
                                   str(folder), error=error))
     # Entries of earlier sweeps into the same folder stay (a grid can grow).
     extra = sorted((e.get("order", 0), h) for h, e in previous.items() if h not in index.points)
