@@ -234,6 +234,10 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
     s.add_argument("--dry-run", action="store_true",
                    help="list the points and which are already done; train nothing")
     s.add_argument("--quiet", action="store_true", help="no per-point lines")
+    s.add_argument("--no-pack", action="store_true",
+                   help="train one point at a time (by default points that share model, data "
+                   "set, batch sizes and epochs and use sgd/shb/nshb train as packs, each run "
+                   "exactly as alone)")
     s.set_defaults(subparser=s)
 
     c = sub.add_parser(
@@ -687,7 +691,7 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     try:
         result = run_sweep(configs, args.out, progress=sys.stderr.isatty() and not args.quiet,
-                           on_run_end=report)
+                           on_run_end=report, pack=not args.no_pack)
     except KeyboardInterrupt:
         print(f"labkit sweep: interrupted; run the same command again to resume ({args.out})",
               file=sys.stderr)

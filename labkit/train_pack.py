@@ -59,7 +59,17 @@ from labkit.train import (
     save_epoch,
 )
 
-__all__ = ["GRAPH_WARMUP_STEPS", "StepGraph", "pack_key", "train_pack"]
+__all__ = ["CPU_PACK_SIZE", "GRAPH_WARMUP_STEPS", "MAX_PACK_SIZE", "StepGraph",
+           "choose_pack_size", "pack_key", "train_pack"]
+
+#: Runs per pack on the CPU: a CPU step of the smoke profile's tiny CNN is dominated by
+#: per-operation overhead, which a pack of 8 shares (benchmarks/bench_pack.py); larger packs
+#: gain little and hold 8 epochs of augmented images.
+CPU_PACK_SIZE = 8
+#: The largest pack on a GPU, whatever its memory.
+MAX_PACK_SIZE = 32
+#: The share of the GPU's free memory that packs may fill.
+GPU_MEMORY_SHARE = 0.6
 
 #: Eager steps before a CUDA graph of the step is captured (cuDNN picks its algorithms and
 #: the autograd state settles on a side stream, as PyTorch's graph documentation asks).
@@ -81,6 +91,50 @@ def pack_key(config: TrainConfig) -> tuple | None:
         v = getattr(cfg, name)
         key.append(repr(sorted(v.items())) if isinstance(v, dict) else v)
     return tuple(key)
+
+
+def choose_pack_size(config: TrainConfig, data: lk_data.CifarData, n_runs: int) -> int:
+    """How many runs like ``config`` to train per pack, at most ``n_runs``.
+
+    On the CPU :data:`CPU_PACK_SIZE`. On CUDA the memory of one run is measured (the peak of
+    one training step at the run's largest batch size, plus its weights, optimizer state and
+    an epoch of augmented images) and K runs fill at most :data:`GPU_MEMORY_SHARE` of the
+    free memory (at most :data:`MAX_PACK_SIZE`).
+    """
+    cfg = config.resolved()
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        return max(1, min(n_runs, CPU_PACK_SIZE))
+    per_run = run_memory(cfg, data, device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(n_runs, MAX_PACK_SIZE, int(GPU_MEMORY_SHARE * free // per_run)))
+
+
+def run_memory(cfg: ResolvedConfig, data: lk_data.CifarData, device: torch.device) -> int:
+    """Bytes of device memory one run of a pack needs (measured on CUDA with one step)."""
+    param_dtype, in_dtype = run_dtypes(cfg, device)
+    b = max(lk_schedules.batch_sizes(cfg.batch_schedule, cfg.batch_size, cfg.epochs))
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model = lk_models.build_model(cfg.model, data.num_classes).to(device, param_dtype)
+    pack = pack_models([model])
+    opt = PackedMomentum(pack, ["shb"], [0.9], [0.0])
+    amp = autocast_dtype(cfg.precision, device)
+    x = torch.zeros(b, *data.train_x.shape[1:], device=device, dtype=in_dtype)
+    y = torch.zeros(b, 1, device=device, dtype=torch.long)
+    with torch.autocast(device_type=device.type, dtype=amp or torch.bfloat16,
+                        enabled=amp is not None):
+        loss, _ = _loss_and_correct(_as_loss_dtype(pack(x)), y, "mean")
+    loss.sum().backward()
+    opt.step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model, pack, opt, x, y, loss
+    torch.cuda.empty_cache()
+    images = data.train_x.numel() * data.train_x.element_size()
+    return int(peak + weights + images)
 
 
 @dataclass(eq=False)

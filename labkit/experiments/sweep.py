@@ -736,6 +736,7 @@ def run_sweep(
     progress: bool = True,
     stop_event: Any = None,
     on_run_end: Callable[[PointResult], None] | None = None,
+    pack: bool = True,
 ) -> SweepResult:
     """Run every point of a grid, skipping finished ones and resuming interrupted ones.
 
@@ -755,6 +756,12 @@ def run_sweep(
             disk, and the next call resumes it. A notebook's Stop button sets the event.
         on_run_end: called with each :class:`PointResult` as soon as the point is done
             (trained, loaded, stopped, diverged or failed).
+        pack: train the points that share model, data set, batch-size schedule and epochs
+            (and use SGD, SHB or NSHB) as packs of K runs at once
+            (:func:`labkit.train_pack.train_pack`; K from the device's free memory,
+            :func:`labkit.train_pack.choose_pack_size`). Every run and its folder are what
+            training it alone gives. ``False`` trains one point at a time. The adaptive
+            optimizers always train one at a time.
 
     Returns:
         A :class:`SweepResult`; ``stopped`` is True when the stop request ended the sweep.
@@ -787,7 +794,7 @@ def run_sweep(
             raise RuntimeError(f"a sweep is already running into {out} in this process")
         _ACTIVE.add(lock_key)
     try:
-        return _run(configs, out, datasets, callbacks, progress, should_stop, on_run_end)
+        return _run(configs, out, datasets, callbacks, progress, should_stop, on_run_end, pack)
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE.discard(lock_key)
@@ -801,6 +808,7 @@ def _run(
     progress: bool,
     should_stop: Callable[[], bool],
     on_run_end: Callable[[PointResult], None] | None,
+    pack: bool = False,
 ) -> SweepResult:
     (out / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
     index = SweepIndex(out)
@@ -832,44 +840,128 @@ def _run(
     stop_cb = _StopCallback(should_stop)
     stopped = False
     try:
-        for point in points:
+        for unit in pack_units(points, datasets, pack):
             if should_stop():
                 stopped = True
                 break
-            cfg = point.config
-            if point.status not in ("finished", "diverged"):
-                index.set(point.hash, point.index, cfg.identity(), "running",
-                          run_state(Path(point.folder))[1])
+            if len(unit) > 1:
+                _train_pack_unit(unit, index, datasets, (*callbacks, stop_cb), progress)
+            for point in unit:
+                if len(unit) == 1:
+                    _train_point(point, index, datasets, (*callbacks, stop_cb), progress)
                 index.save()
-            try:
-                result = train(cfg, callbacks=(*callbacks, stop_cb), progress=progress,
-                               data=datasets[_data_key(cfg)])
-            except KeyboardInterrupt:
-                point.status = "stopped"
-                index.set(point.hash, point.index, cfg.identity(), "stopped",
-                          run_state(Path(point.folder))[1])
-                index.save()
-                raise
-            except Exception as e:  # one failing run must not end the sweep
-                point.status = "failed"
-                point.error = f"{type(e).__name__}: {e}"
-                tb = traceback.format_exc(limit=-8)
-                index.set(point.hash, point.index, cfg.identity(), "failed",
-                          run_state(Path(point.folder))[1], error=point.error + "\n" + tb)
-            else:
-                point.result, point.loaded = result, result.loaded
-                point.status, point.error = result.status, None
-                index.set(point.hash, point.index, cfg.identity(), result.status, result.metrics)
-            index.save()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(last=point.status)
-            if on_run_end is not None:
-                on_run_end(point)
-            if point.status == "stopped":
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(last=point.status)
+                if on_run_end is not None:
+                    on_run_end(point)
+            if any(point.status == "stopped" for point in unit):
                 stopped = True
                 break
     finally:
         if bar is not None:
             bar.close()
     return SweepResult(out=str(out), points=points, stopped=stopped)
+
+
+def _train_point(point: PointResult, index: SweepIndex, datasets: dict[tuple, lk_data.CifarData],
+                 callbacks: Sequence[Callback], progress: bool) -> None:
+    """Train (or load) one point with :func:`labkit.train.train`; record it in the index."""
+    cfg = point.config
+    if point.status not in ("finished", "diverged"):
+        index.set(point.hash, point.index, cfg.identity(), "running",
+                  run_state(Path(point.folder))[1])
+        index.save()
+    try:
+        result = train(cfg, callbacks=callbacks, progress=progress,
+                       data=datasets[_data_key(cfg)])
+    except KeyboardInterrupt:
+        point.status = "stopped"
+        index.set(point.hash, point.index, cfg.identity(), "stopped",
+                  run_state(Path(point.folder))[1])
+        index.save()
+        raise
+    except Exception as e:  # one failing run must not end the sweep
+        _record_failure(point, index, e)
+    else:
+        _record_result(point, index, result)
+
+
+def _record_failure(point: PointResult, index: SweepIndex, e: Exception) -> None:
+    point.status = "failed"
+    point.error = f"{type(e).__name__}: {e}"
+    tb = traceback.format_exc(limit=-8)
+    index.set(point.hash, point.index, point.config.identity(), "failed",
+              run_state(Path(point.folder))[1], error=point.error + "\n" + tb)
+
+
+def _record_result(point: PointResult, index: SweepIndex, result: RunResult) -> None:
+    point.result, point.loaded = result, result.loaded
+    point.status, point.error = result.status, None
+    index.set(point.hash, point.index, point.config.identity(), result.status, result.metrics)
+
+
+# --------------------------------------------------------------------------- packs
+
+
+def pack_units(
+    points: Sequence[PointResult], datasets: Mapping[tuple, lk_data.CifarData], pack: bool
+) -> list[list[PointResult]]:
+    """The order in which :func:`run_sweep` trains its points: lists of one point (trained
+    alone, or loaded) and packs of points trained together (:func:`labkit.train_pack.train_pack`).
+
+    A pack holds points to train that share :func:`labkit.train_pack.pack_key`, at most
+    :func:`labkit.train_pack.choose_pack_size` of them; it takes the place of its first point.
+    """
+    if not pack:
+        return [[p] for p in points]
+    from labkit.train_pack import choose_pack_size, pack_key
+
+    groups: dict[tuple, list[PointResult]] = {}
+    units: list[list[PointResult]] = []
+    for p in points:
+        key = pack_key(p.config) if p.status not in ("finished", "diverged") else None
+        if key is None:
+            units.append([p])
+            continue
+        if key not in groups:
+            groups[key] = []
+            units.append(groups[key])
+        groups[key].append(p)
+    out: list[list[PointResult]] = []
+    for unit in units:
+        if len(unit) == 1:
+            out.append(unit)
+            continue
+        k = choose_pack_size(unit[0].config, datasets[_data_key(unit[0].config)], len(unit))
+        out.extend(unit[i:i + k] for i in range(0, len(unit), k))
+    return out
+
+
+def _train_pack_unit(unit: list[PointResult], index: SweepIndex,
+                     datasets: dict[tuple, lk_data.CifarData], callbacks: Sequence[Callback],
+                     progress: bool) -> None:
+    """Train a pack of points and record each in the index; if the pack raises, the points
+    train one at a time (so a point's error is its own)."""
+    from labkit.train_pack import train_pack
+
+    for point in unit:
+        index.set(point.hash, point.index, point.config.identity(), "running",
+                  run_state(Path(point.folder))[1])
+    index.save()
+    try:
+        results = train_pack([p.config for p in unit], callbacks, progress=progress,
+                             data=datasets[_data_key(unit[0].config)])
+    except KeyboardInterrupt:
+        for point in unit:
+            point.status = "stopped"
+            index.set(point.hash, point.index, point.config.identity(), "stopped",
+                      run_state(Path(point.folder))[1])
+        index.save()
+        raise
+    except Exception:  # e.g. out of memory: each point alone, with its own error if any
+        for point in unit:
+            _train_point(point, index, datasets, callbacks, progress)
+    else:
+        for point, result in zip(unit, results, strict=True):
+            _record_result(point, index, result)
