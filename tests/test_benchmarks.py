@@ -127,3 +127,20 @@ def test_bench_labs_runs_lab2_in_the_gpu_profiles(tmp_path, profile):
     (row,) = out["rows"]
     assert (row["status"], row["rerun_status"]) == ("ok", "ok"), row["detail"]
     assert out["data"] == "none needed" and not (tmp_path / "data").exists()
+
+
+def test_bench_pack_quick(capsys):
+    out = load("bench_pack").main(["--quick"])
+    (row,) = out["rows"]
+    assert row["batch_size"] == 8 and row["k"] == 3
+    assert row["sequential_s"] > 0 and row["packed_s"] > 0 and row["ratio"] > 0
+    assert "ratio packed/sequential speed" in capsys.readouterr().out
+
+
+def test_bench_pack_gpu_mode_says_when_there_is_no_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the --gpu mode would run the real benchmark")
+    assert load("bench_pack").main(["--gpu"]) == {}
+    assert "no CUDA device here" in capsys.readouterr().out
