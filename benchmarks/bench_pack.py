@@ -15,7 +15,8 @@ Then the CUDA tests of packs (tests/test_pack_cuda.py) are the check that graphs
 equal eager single runs.
 
     python benchmarks/bench_pack.py                  # CPU ratio
-    python benchmarks/bench_pack.py --gpu            # the GPU table (needs CUDA)
+    python benchmarks/bench_pack.py --gpu --json pack.json   # the GPU table (needs CUDA)
+    python benchmarks/bench_labs.py --plan --step-times pack.json  # labs' predicted GPU time
 """
 
 from __future__ import annotations
@@ -121,8 +122,11 @@ def gpu_main(args: argparse.Namespace) -> dict[str, Any]:
                   + ", ".join(f"K = {k}: {row[f'pack{k}_s_per_run']:.2f}" for k in args.ks
                               if f"pack{k}_s_per_run" in row)
                   + " s per run-epoch (packed, graphs)", flush=True)
-    out = {"device": torch.cuda.get_device_name(0), "n_train": args.n_train, "rows": rows}
+    out = {"device": torch.cuda.get_device_name(0), "n_train": args.n_train,
+           "model": "resnet18", "rows": rows}
     print(json.dumps(out))
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--no-graphs", action="store_true", help="GPU packs without CUDA graphs")
     p.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's run)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the GPU table here (bench_labs.py --plan --step-times reads it)")
     args = p.parse_args(argv)
     if args.gpu:
         args.batch_sizes = args.batch_sizes or [8, 32, 128, 512, 2048]
