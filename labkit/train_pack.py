@@ -133,7 +133,7 @@ def run_memory(cfg: ResolvedConfig, data: lk_data.CifarData, device: torch.devic
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     del model, pack, opt, x, y, loss
     torch.cuda.empty_cache()
-    images = data.train_x.numel() * data.train_x.element_size()
+    images = data.train_x.numel() * in_dtype.itemsize  # an epoch, normalized
     return int(peak + weights + images)
 
 
@@ -389,8 +389,12 @@ def _train_group(
             for run, lr in zip(active, lrs, strict=True):
                 run.state.epoch, run.state.lr, run.state.batch_size = epoch, lr, b
                 run.state.steps_per_epoch = steps_per_epoch
-            # Each run draws its epoch exactly as train() does: augmentation, then the order.
-            images = torch.stack([epoch_images(r.cfg, data.train_x, r.gen) for r in active])
+            # Each run draws its epoch exactly as train() does: augmentation, then the order;
+            # the images are normalized once per epoch, as in train().
+            images = torch.stack([
+                lk_data.normalize(epoch_images(r.cfg, data.train_x, r.gen), data.mean,
+                                  data.std, dtype=in_dtype)
+                for r in active])
             order = torch.stack([torch.cat(list(lk_data.iterate_batches(n_train, b, r.gen)))
                                  for r in active])  # (K, n_train)
             slots = torch.arange(k, device=device).unsqueeze(1)
@@ -405,8 +409,7 @@ def _train_group(
             for s in range(steps_per_epoch):
                 idx = order[:, s * b:(s + 1) * b]  # (K, B)
                 nb = idx.shape[1]
-                xb = images[slots, idx].transpose(0, 1)  # (B, K, C, H, W) uint8
-                xb = lk_data.normalize(xb, data.mean, data.std, dtype=in_dtype)
+                xb = images[slots, idx].transpose(0, 1)  # (B, K, C, H, W)
                 xb = xb.reshape(nb, -1, *xb.shape[-2:]).contiguous(memory_format=memory_format)
                 yb = data.train_y[idx].t()  # (B, K)
                 if use_graphs and nb == b and graph is not None:
