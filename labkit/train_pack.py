@@ -93,7 +93,7 @@ def pack_key(config: TrainConfig) -> tuple | None:
     return tuple(key)
 
 
-def choose_pack_size(config: TrainConfig, data: lk_data.CifarData, n_runs: int) -> int:
+def choose_pack_size(config: TrainConfig, data: lk_data.CifarData | None, n_runs: int) -> int:
     """How many runs like ``config`` to train per pack, at most ``n_runs``.
 
     On the CPU :data:`CPU_PACK_SIZE`. On CUDA the memory of one run is measured (the peak of
@@ -105,7 +105,7 @@ def choose_pack_size(config: TrainConfig, data: lk_data.CifarData, n_runs: int) 
     device = resolve_device(cfg.device)
     if device.type != "cuda":
         return max(1, min(n_runs, CPU_PACK_SIZE))
-    per_run = run_memory(cfg, data, device)
+    per_run = run_memory(cfg, data if data is not None else prepare_data(cfg, device), device)
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(n_runs, MAX_PACK_SIZE, int(GPU_MEMORY_SHARE * free // per_run)))
 

@@ -707,3 +707,26 @@ def test_plots_from_a_real_sweep(sweep):
     assert [ln.get_label() for ln in ax.get_lines()] == ["SGD", "SHB"]
     ax = plot_accuracy_curves(load_history(out), by="optimizer")
     assert [ln.get_label() for ln in ax.get_lines()] == ["optimizer = sgd", "optimizer = shb"]
+
+
+def test_pack_units_group_what_shares_a_step(data_root):
+    from labkit.experiments.sweep import PointResult, pack_units
+    from labkit.train_pack import CPU_PACK_SIZE
+
+    def point(i, status="pending", **kw):
+        cfg = TrainConfig(**base(data_root, **kw)).resolved()
+        return PointResult(i, config_hash(cfg), cfg, status, f"runs/{i}")
+
+    points = [point(0, optimizer="sgd"), point(1, optimizer="adam", lr=1e-3),
+              point(2, optimizer="shb", batch_size=16), point(3, optimizer="nshb"),
+              point(4, optimizer="shb", status="finished"),
+              *[point(5 + i, optimizer="sgd", seed=i + 1) for i in range(CPU_PACK_SIZE)]]
+    units = pack_units(points, {}, pack=True)
+    got = [([p.index for p in unit], packed) for unit, packed in units]
+    # sgd/nshb at b = 32 with the seeds' sgd runs: a pack of CPU_PACK_SIZE, then the rest;
+    # adam alone; the b = 16 run alone (a group of one on the CPU trains with train());
+    # a finished point is only loaded.
+    same_step = [0, 3, *range(5, 5 + CPU_PACK_SIZE)]
+    assert got == [(same_step[:CPU_PACK_SIZE], True), (same_step[CPU_PACK_SIZE:], True),
+                   ([1], False), ([2], False), ([4], False)]
+    assert all(not packed for _, packed in pack_units(points, {}, pack=False))

@@ -840,14 +840,14 @@ def _run(
     stop_cb = _StopCallback(should_stop)
     stopped = False
     try:
-        for unit in pack_units(points, datasets, pack):
+        for unit, packed in pack_units(points, datasets, pack):
             if should_stop():
                 stopped = True
                 break
-            if len(unit) > 1:
+            if packed:
                 _train_pack_unit(unit, index, datasets, (*callbacks, stop_cb), progress)
             for point in unit:
-                if len(unit) == 1:
+                if not packed:
                     _train_point(point, index, datasets, (*callbacks, stop_cb), progress)
                 index.save()
                 if bar is not None:
@@ -906,15 +906,17 @@ def _record_result(point: PointResult, index: SweepIndex, result: RunResult) -> 
 
 def pack_units(
     points: Sequence[PointResult], datasets: Mapping[tuple, lk_data.CifarData], pack: bool
-) -> list[list[PointResult]]:
-    """The order in which :func:`run_sweep` trains its points: lists of one point (trained
-    alone, or loaded) and packs of points trained together (:func:`labkit.train_pack.train_pack`).
+) -> list[tuple[list[PointResult], bool]]:
+    """The order in which :func:`run_sweep` trains its points: ``(points, packed)`` pairs, one
+    point trained alone by :func:`labkit.train.train` (or loaded), or a pack of points trained
+    together by :func:`labkit.train_pack.train_pack`.
 
     A pack holds points to train that share :func:`labkit.train_pack.pack_key`, at most
     :func:`labkit.train_pack.choose_pack_size` of them; it takes the place of its first point.
+    On CUDA a packable point without company is a pack of one, for its CUDA-graph steps.
     """
     if not pack:
-        return [[p] for p in points]
+        return [([p], False) for p in points]
     from labkit.train_pack import choose_pack_size, pack_key
 
     groups: dict[tuple, list[PointResult]] = {}
@@ -928,13 +930,15 @@ def pack_units(
             groups[key] = []
             units.append(groups[key])
         groups[key].append(p)
-    out: list[list[PointResult]] = []
+    out: list[tuple[list[PointResult], bool]] = []
     for unit in units:
+        cfg = unit[0].config
         if len(unit) == 1:
-            out.append(unit)
+            alone = pack_key(cfg) is None or unit[0].status in ("finished", "diverged")
+            out.append((unit, not alone and resolve_device(cfg.device).type == "cuda"))
             continue
-        k = choose_pack_size(unit[0].config, datasets[_data_key(unit[0].config)], len(unit))
-        out.extend(unit[i:i + k] for i in range(0, len(unit), k))
+        k = choose_pack_size(cfg, datasets.get(_data_key(cfg)), len(unit))
+        out.extend((unit[i:i + k], True) for i in range(0, len(unit), k))
     return out
 
 
