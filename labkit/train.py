@@ -35,7 +35,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,17 +156,58 @@ class TrainConfig:
     profile: str = "short"
 
     def resolved(self) -> ResolvedConfig:
-        """A checked copy with the profile's defaults filled in (a :class:`ResolvedConfig`).
+        """A copy with the profile's defaults filled in and every field checked.
 
-        Checking happens once: :func:`config_hash`, the sweep index, ``plan_sweep``,
-        ``run_sweep`` and :func:`train` take the result as it is (its ``resolved()`` is itself).
+        The copy is a :class:`ResolvedConfig`: :func:`config_hash`, the sweep index,
+        ``plan_sweep``, ``run_sweep`` and :func:`train` take it without checking it again (its
+        ``resolved()`` is itself).
 
         Raises:
             ValueError: a field has a value outside its valid range (the message names the
                 field, the value and what would be valid).
         """
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return ResolvedConfig(**values)
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {self.profile!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
+        defaults = PROFILE_DEFAULTS[self.profile]
+        cfg = TrainConfig(**{**_field_values(self), "hparams": dict(self.hparams)})
+        if cfg.model is None:
+            cfg.model = defaults["model"] or PAPER_MODEL[cfg.dataset]
+        if cfg.epochs is None:
+            cfg.epochs = defaults["epochs"]
+        if cfg.batch_size is None:
+            cfg.batch_size = defaults["batch_size"]
+        if cfg.model not in lk_models.MODEL_NAMES:
+            raise ValueError(
+                f"model must be one of {', '.join(lk_models.MODEL_NAMES)}; got {cfg.model!r}"
+            )
+        if cfg.optimizer not in lk_optim.OPTIMIZER_NAMES:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(lk_optim.OPTIMIZER_NAMES)}; "
+                f"got {cfg.optimizer!r}"
+            )
+        _check_number("lr", cfg.lr, "a positive finite number", lambda v: v > 0)
+        _check_int("batch_size", cfg.batch_size, 1)
+        _check_int("epochs", cfg.epochs, 1)
+        _check_int("seed", cfg.seed, 0)
+        _check_number("weight_decay", cfg.weight_decay, "a finite number >= 0", lambda v: v >= 0)
+        if cfg.rotate is None:
+            cfg.rotate = PAPER_ROTATION[cfg.dataset] if cfg.augment else 0.0
+        _check_number("rotate", cfg.rotate, "None or a number of degrees in [0, 180]",
+                      lambda v: 0 <= v <= 180)
+        cfg.rotate = float(cfg.rotate)
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}"
+            )
+        resolve_device(cfg.device)  # raises on a malformed or unavailable device
+        cfg.lr_schedule = lk_schedules.validate_lr_schedule(cfg.lr_schedule)
+        cfg.batch_schedule = lk_schedules.validate_batch_schedule(cfg.batch_schedule)
+        # Build the optimizer on a dummy parameter so that bad hyperparameters fail here,
+        # before any data is loaded.
+        make_optimizer(cfg, [nn.Parameter(torch.zeros(1))])
+        return ResolvedConfig.from_checked(cfg)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,51 +240,8 @@ class TrainConfig:
         return d
 
 
-def _resolve_in_place(cfg: TrainConfig) -> None:
-    """Fill in the profile's defaults and check every field of ``cfg`` (which it modifies)."""
-    if cfg.profile not in PROFILES:
-        raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {cfg.profile!r}")
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {cfg.dataset!r}")
-    defaults = PROFILE_DEFAULTS[cfg.profile]
-    if not isinstance(cfg.hparams, Mapping):
-        raise ValueError(f"hparams must be a dict name -> value; got {cfg.hparams!r}")
-    cfg.hparams = dict(cfg.hparams)
-    if cfg.model is None:
-        cfg.model = defaults["model"] or PAPER_MODEL[cfg.dataset]
-    if cfg.epochs is None:
-        cfg.epochs = defaults["epochs"]
-    if cfg.batch_size is None:
-        cfg.batch_size = defaults["batch_size"]
-    if cfg.model not in lk_models.MODEL_NAMES:
-        raise ValueError(
-            f"model must be one of {', '.join(lk_models.MODEL_NAMES)}; got {cfg.model!r}"
-        )
-    if cfg.optimizer not in lk_optim.OPTIMIZER_NAMES:
-        raise ValueError(
-            f"optimizer must be one of {', '.join(lk_optim.OPTIMIZER_NAMES)}; "
-            f"got {cfg.optimizer!r}"
-        )
-    _check_number("lr", cfg.lr, "a positive finite number", lambda v: v > 0)
-    _check_int("batch_size", cfg.batch_size, 1)
-    _check_int("epochs", cfg.epochs, 1)
-    _check_int("seed", cfg.seed, 0)
-    _check_number("weight_decay", cfg.weight_decay, "a finite number >= 0", lambda v: v >= 0)
-    if cfg.rotate is None:
-        cfg.rotate = PAPER_ROTATION[cfg.dataset] if cfg.augment else 0.0
-    _check_number("rotate", cfg.rotate, "None or a number of degrees in [0, 180]",
-                  lambda v: 0 <= v <= 180)
-    cfg.rotate = float(cfg.rotate)
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(
-            f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}"
-        )
-    resolve_device(cfg.device)  # raises on a malformed or unavailable device
-    cfg.lr_schedule = lk_schedules.validate_lr_schedule(cfg.lr_schedule)
-    cfg.batch_schedule = lk_schedules.validate_batch_schedule(cfg.batch_schedule)
-    # Build the optimizer on a dummy parameter so that bad hyperparameters fail here,
-    # before any data is loaded.
-    make_optimizer(cfg, [nn.Parameter(torch.zeros(1))])
+def _field_values(cfg: TrainConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
 
 
 @dataclass
@@ -257,9 +255,21 @@ class ResolvedConfig(TrainConfig):
     """
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_sealed", False)
-        _resolve_in_place(self)
+        # Built directly or by dataclasses.replace: check (from_checked skips this).
+        checked = TrainConfig.resolved(self)
+        for name, value in _field_values(checked).items():
+            object.__setattr__(self, name, value)
         object.__setattr__(self, "_sealed", True)
+
+    @classmethod
+    def from_checked(cls, cfg: TrainConfig) -> ResolvedConfig:
+        """``cfg``'s values as a ResolvedConfig, trusted: only :meth:`TrainConfig.resolved`,
+        which has just checked them, should call this."""
+        new = object.__new__(cls)
+        for name, value in _field_values(cfg).items():
+            object.__setattr__(new, name, value)
+        object.__setattr__(new, "_sealed", True)
+        return new
 
     def __setattr__(self, name: str, value: Any) -> None:
         if getattr(self, "_sealed", False) and name not in _NON_IDENTITY_FIELDS:

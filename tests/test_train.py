@@ -402,8 +402,8 @@ def test_a_resolved_config_is_checked_once_and_read_only(data_root, tmp_path):
         config_hash(c)
 
     configs = [cfg(data_root, epochs=1, lr=lr, optimizer="sgd", hparams={}) for lr in (0.1, 0.05)]
-    check = ResolvedConfig.__post_init__
-    with mock.patch.object(ResolvedConfig, "__post_init__", autospec=True,
+    check = TrainConfig.resolved  # the one place where a config is checked
+    with mock.patch.object(TrainConfig, "resolved", autospec=True,
                            side_effect=check) as checks:
         plan_sweep(configs, tmp_path / "s")
         assert checks.call_count == 2  # once per config
