@@ -301,3 +301,20 @@ def test_sweep_exit_codes(tmp_path, capsys, monkeypatch):
     code, text, err = run(capsys, *argv)
     assert code == 1 and "[1/1] abc failed" in text and "boom" in text
     assert last_json(text)["counts"] == {"failed": 1} and "1 point(s) failed" in err
+
+
+def test_sweep_no_pack_gives_the_same_runs(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.replace("profile: smoke", "profile: smoke\n  precision: fp64"))
+    data = tmp_path / "data"
+    results = {}
+    for flag in ([], ["--no-pack"]):
+        out = tmp_path / ("alone" if flag else "packed")
+        code, text, _ = run(capsys, "sweep", grid, "--out", out, "--data-root", data,
+                            "--device", "cpu", *flag)
+        assert code == 0 and last_json(text)["counts"] == {"finished": 2}
+        index = json.loads((out / "index.json").read_text())["points"]
+        results[bool(flag)] = {h: e["final"]["test_loss"] for h, e in index.items()}
+    assert results[True].keys() == results[False].keys()
+    for h, loss in results[True].items():
+        assert results[False][h] == pytest.approx(loss, rel=1e-10)
