@@ -330,7 +330,9 @@ def _train_group(
 ) -> None:
     base = group[0].cfg
     use_cuda = device.type == "cuda"
-    channels_last = use_cuda if base.channels_last is None else base.channels_last
+    # channels_last=None: channels-last on the CPU too, unlike train(): oneDNN's grouped
+    # convolutions are faster in it (benchmarks/bench_pack.py), and only sums' order changes.
+    channels_last = True if base.channels_last is None else base.channels_last
     amp_dtype = autocast_dtype(base.precision, device)
     autocast = {"device_type": device.type, "dtype": amp_dtype or torch.bfloat16,
                 "enabled": amp_dtype is not None}
