@@ -59,13 +59,16 @@ from labkit.train import (
     save_epoch,
 )
 
-__all__ = ["CPU_PACK_SIZE", "GRAPH_WARMUP_STEPS", "MAX_PACK_SIZE", "StepGraph",
-           "choose_pack_size", "pack_key", "train_pack"]
+__all__ = ["CPU_PACK_MAX_BATCH", "CPU_PACK_SIZE", "GRAPH_WARMUP_STEPS", "MAX_PACK_SIZE",
+           "StepGraph", "choose_pack_size", "pack_key", "train_pack"]
 
-#: Runs per pack on the CPU: a CPU step of the smoke profile's tiny CNN is dominated by
-#: per-operation overhead, which a pack of 8 shares (benchmarks/bench_pack.py); larger packs
-#: gain little and hold 8 epochs of augmented images.
+#: Runs per pack on the CPU: at b = 8 a CPU step of the smoke profile's tiny CNN is dominated
+#: by per-operation overhead, which a pack of 8 shares (benchmarks/bench_pack.py: about 3x).
 CPU_PACK_SIZE = 8
+#: The largest batch size at which the CPU packs runs: there the convolutions themselves
+#: dominate, and oneDNN's grouped convolutions are no faster than K separate ones
+#: (bench_pack.py on 2 cores: 3.1x at b = 8, 1.2x at b = 16, 0.9x at b = 32 and 64).
+CPU_PACK_MAX_BATCH = 16
 #: The largest pack on a GPU, whatever its memory.
 MAX_PACK_SIZE = 32
 #: The share of the GPU's free memory that packs may fill.
@@ -96,7 +99,8 @@ def pack_key(config: TrainConfig) -> tuple | None:
 def choose_pack_size(config: TrainConfig, data: lk_data.CifarData | None, n_runs: int) -> int:
     """How many runs like ``config`` to train per pack, at most ``n_runs``.
 
-    On the CPU :data:`CPU_PACK_SIZE`. On CUDA the memory of one run is measured (the peak of
+    On the CPU :data:`CPU_PACK_SIZE`, or 1 (no packing) when the run's batch size exceeds
+    :data:`CPU_PACK_MAX_BATCH`. On CUDA the memory of one run is measured (the peak of
     one training step at the run's largest batch size, plus its weights, optimizer state and
     an epoch of augmented images) and K runs fill at most :data:`GPU_MEMORY_SHARE` of the
     free memory (at most :data:`MAX_PACK_SIZE`).
@@ -104,7 +108,8 @@ def choose_pack_size(config: TrainConfig, data: lk_data.CifarData | None, n_runs
     cfg = config.resolved()
     device = resolve_device(cfg.device)
     if device.type != "cuda":
-        return max(1, min(n_runs, CPU_PACK_SIZE))
+        b = max(lk_schedules.batch_sizes(cfg.batch_schedule, cfg.batch_size, cfg.epochs))
+        return 1 if b > CPU_PACK_MAX_BATCH else max(1, min(n_runs, CPU_PACK_SIZE))
     per_run = run_memory(cfg, data if data is not None else prepare_data(cfg, device), device)
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(n_runs, MAX_PACK_SIZE, int(GPU_MEMORY_SHARE * free // per_run)))

@@ -305,7 +305,9 @@ def test_sweep_exit_codes(tmp_path, capsys, monkeypatch):
 
 def test_sweep_no_pack_gives_the_same_runs(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
-    grid.write_text(GRID.replace("profile: smoke", "profile: smoke\n  precision: fp64"))
+    # b = 16: small enough that the CPU packs (labkit.train_pack.CPU_PACK_MAX_BATCH).
+    grid.write_text(GRID.replace("profile: smoke", "profile: smoke\n  precision: fp64")
+                    .replace("batch_size: 256", "batch_size: 16"))
     data = tmp_path / "data"
     results = {}
     for flag in ([], ["--no-pack"]):

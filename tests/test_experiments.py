@@ -714,19 +714,20 @@ def test_pack_units_group_what_shares_a_step(data_root):
     from labkit.train_pack import CPU_PACK_SIZE
 
     def point(i, status="pending", **kw):
-        cfg = TrainConfig(**base(data_root, **kw)).resolved()
+        cfg = TrainConfig(**base(data_root, **{"batch_size": 16, **kw})).resolved()
         return PointResult(i, config_hash(cfg), cfg, status, f"runs/{i}")
 
     points = [point(0, optimizer="sgd"), point(1, optimizer="adam", lr=1e-3),
-              point(2, optimizer="shb", batch_size=16), point(3, optimizer="nshb"),
+              point(2, optimizer="shb", batch_size=8), point(3, optimizer="nshb"),
               point(4, optimizer="shb", status="finished"),
-              *[point(5 + i, optimizer="sgd", seed=i + 1) for i in range(CPU_PACK_SIZE)]]
+              *[point(5 + i, optimizer="sgd", seed=i + 1) for i in range(CPU_PACK_SIZE)],
+              point(13, optimizer="sgd", batch_size=64), point(14, optimizer="shb", batch_size=64)]
     units = pack_units(points, {}, pack=True)
     got = [([p.index for p in unit], packed) for unit, packed in units]
-    # sgd/nshb at b = 32 with the seeds' sgd runs: a pack of CPU_PACK_SIZE, then the rest;
-    # adam alone; the b = 16 run alone (a group of one on the CPU trains with train());
-    # a finished point is only loaded.
+    # sgd/nshb at b = 16 with the seeds' sgd runs: a pack of CPU_PACK_SIZE, then the rest;
+    # adam alone; the b = 8 run alone (a group of one on the CPU trains with train());
+    # a finished point is only loaded; at b = 64 the CPU does not pack.
     same_step = [0, 3, *range(5, 5 + CPU_PACK_SIZE)]
     assert got == [(same_step[:CPU_PACK_SIZE], True), (same_step[CPU_PACK_SIZE:], True),
-                   ([1], False), ([2], False), ([4], False)]
+                   ([1], False), ([2], False), ([4], False), ([13], False), ([14], False)]
     assert all(not packed for _, packed in pack_units(points, {}, pack=False))

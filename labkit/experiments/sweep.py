@@ -758,8 +758,9 @@ def run_sweep(
             (trained, loaded, stopped, diverged or failed).
         pack: train the points that share model, data set, batch-size schedule and epochs
             (and use SGD, SHB or NSHB) as packs of K runs at once
-            (:func:`labkit.train_pack.train_pack`; K from the device's free memory,
-            :func:`labkit.train_pack.choose_pack_size`). Every run and its folder are what
+            (:func:`labkit.train_pack.train_pack`; K from the GPU's free memory, 8 on the CPU
+            at batch sizes up to 16 and no packing above: :func:`labkit.train_pack.
+            choose_pack_size`). Every run and its folder are what
             training it alone gives. ``False`` trains one point at a time. The adaptive
             optimizers always train one at a time.
 
@@ -912,8 +913,9 @@ def pack_units(
     together by :func:`labkit.train_pack.train_pack`.
 
     A pack holds points to train that share :func:`labkit.train_pack.pack_key`, at most
-    :func:`labkit.train_pack.choose_pack_size` of them; it takes the place of its first point.
-    On CUDA a packable point without company is a pack of one, for its CUDA-graph steps.
+    :func:`labkit.train_pack.choose_pack_size` of them (on the CPU only at small batch sizes);
+    it takes the place of its first point. On CUDA a packable point without company is a pack
+    of one, for its CUDA-graph steps.
     """
     if not pack:
         return [([p], False) for p in points]
@@ -938,7 +940,8 @@ def pack_units(
             out.append((unit, not alone and resolve_device(cfg.device).type == "cuda"))
             continue
         k = choose_pack_size(cfg, datasets.get(_data_key(cfg)), len(unit))
-        out.extend((unit[i:i + k], True) for i in range(0, len(unit), k))
+        on_cuda = resolve_device(cfg.device).type == "cuda"
+        out.extend((unit[i:i + k], k > 1 or on_cuda) for i in range(0, len(unit), k))
     return out
 
 
