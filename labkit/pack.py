@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -298,25 +297,25 @@ class PackedMomentum:
         self._wd = torch.tensor([float(w) for w in weight_decays], **opts)
         self.buffers = [torch.zeros_like(p, memory_format=torch.preserve_format)
                         for p in self.params]
-        # Per parameter, the coefficients spread over its rows: (K*rows, 1, ...) views.
-        self._coef = [self._spread(name, p) for name, p in self.named]
+        # Per parameter, the coefficients repeated over its rows, shaped (K*rows, 1, ...).
+        self._rows = [self.pack.shapes[name][0] if self.pack.modes[name] == _CAT else 1
+                      for name, _ in self.named]
+        self._coef = [self._spread(p, rows) for (_, p), rows in zip(self.named, self._rows,
+                                                                     strict=True)]
 
-    def _spread(self, name: str, p: Tensor) -> dict[str, Tensor]:
-        shape = self.pack.shapes[name]
-        rows = shape[0] if self.pack.modes[name] == _CAT else 1
+    def _spread(self, p: Tensor, rows: int) -> dict[str, Tensor]:
         bshape = (p.shape[0],) + (1,) * (p.dim() - 1)
         out = {}
         for key, t in (("beta", self._beta), ("damp", self._damp), ("wd", self._wd)):
             out[key] = t.repeat_interleave(rows).view(bshape)
         out["neg_lr"] = torch.zeros(bshape, device=p.device, dtype=p.dtype)
-        out["rows"] = torch.tensor(rows)
         return out
 
     def set_lrs(self, lrs: Sequence[float]) -> None:
         """Set each run's learning rate (in place)."""
         self._lr.copy_(torch.tensor([float(v) for v in lrs], dtype=self._lr.dtype))
-        for c in self._coef:
-            c["neg_lr"].copy_((-self._lr).repeat_interleave(int(c["rows"])).view_as(c["neg_lr"]))
+        for c, rows in zip(self._coef, self._rows, strict=True):
+            c["neg_lr"].copy_((-self._lr).repeat_interleave(rows).view_as(c["neg_lr"]))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -357,6 +356,3 @@ class PackedMomentum:
                       else torch.zeros(self.pack.shapes[name], dtype=p.dtype, device=p.device))
                      for d in per_run]
             buf.copy_(self.pack.join(name, [t.to(p.device, p.dtype) for t in parts]))
-
-    def state(self) -> dict[str, Any]:
-        return {"lr": self._lr.tolist()}
