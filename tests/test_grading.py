@@ -1,9 +1,9 @@
 """labkit.grading and `labkit grade`: rules, keys, bad submissions, the gradebook, the real labs.
 
 Synthetic notebooks (built here with nbformat) exercise every rule and every bad input; the real
-labs under labs/ are executed once per session in the smoke profile and turned into a correct,
-a wrong, an inconsistent, a cleared and a malformed submission whose gradebook is checked
-exactly.
+labs (their sources with solutions, labs/source/) are executed once per session in the smoke
+profile and turned into a correct, a wrong, an inconsistent, a cleared and a malformed submission
+whose gradebook is checked exactly, against the source and against the student version in labs/.
 """
 
 from __future__ import annotations
@@ -1618,7 +1618,7 @@ def test_an_unanswered_question_reads_not_answered(lab, tmp_path):
 # The real labs: executed once per session in the smoke profile, then graded as five students
 # ---------------------------------------------------------------------------------------------
 
-LABS = sorted((ROOT / "labs").glob("*.ipynb"))
+LABS = sorted((ROOT / "labs" / "source").glob("*.ipynb"))
 
 #: Per lab: record edits that make a "wrong" and an "inconsistent" submission out of the
 #: executed lab, and the exact points per question (in key order) each then earns. A lab that
@@ -1819,13 +1819,12 @@ def test_real_lab_gradebook(lab, smoke_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("lab", LABS, ids=[p.stem for p in LABS])
 def test_real_lab_release_version_grades_the_same(lab, smoke_run, tmp_path, capsys):
-    """nbgrader's release of each lab, given as --lab in labs/ beside its key, finds the key
-    and grades a correct submission exactly as the source version does: full marks, no flags."""
-    release = write(nbgrader_release(nbformat.read(lab, as_version=4)),
-                    tmp_path / "labs" / lab.name)
-    key = grading.default_key_path(lab)
-    (tmp_path / "labs" / "keys").mkdir()
-    (tmp_path / "labs" / "keys" / key.name).write_text(key.read_text())
+    """The student version of each lab (labs/<lab>.ipynb, nbgrader's release), given as --lab,
+    finds the key in labs/keys/ and grades a correct submission exactly as the source version
+    does: full marks, no flags."""
+    release = ROOT / "labs" / lab.name
+    assert grading.find_key(release) == grading.find_key(lab) == \
+        ROOT / "labs" / "keys" / f"{lab.stem}.yml"
     sub = write(smoke_run(lab), tmp_path / "subs" / "correct.ipynb")
     out = tmp_path / "g.csv"
     assert main(["grade", str(sub), "--lab", str(release), "--out", str(out)]) == 0
