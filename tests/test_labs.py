@@ -224,7 +224,10 @@ def test_solution_passes_and_blank_answers_fail(path, lab_env, monkeypatch):
             question = meta["grade_id"].rsplit("-", 1)[0]
             blank = nbformat.v4.new_code_cell(_strip_solution(answers[question].source))
             nb.cells.append(blank)
-            client.execute_cell(blank, len(nb.cells) - 1)
+            try:
+                client.execute_cell(blank, len(nb.cells) - 1)
+            except CellExecutionError:
+                pass  # a blank answer may fail itself (it uses what is missing)
             test = nbformat.v4.new_code_cell(cell.source)
             nb.cells.append(test)
             with pytest.raises(CellExecutionError):
