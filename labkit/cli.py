@@ -363,6 +363,10 @@ def _add_grade_parser(sub: Any) -> None:
                    help="with --execute: kernel name (default: the notebook's, else python3)")
     g.add_argument("--save-executed", default=None, metavar="DIR",
                    help="with --execute: keep the executed notebooks in DIR")
+    g.add_argument("--results", default=None, metavar="DIR",
+                   help="with --execute: where the labs train (and reuse) their runs, outside "
+                   "the submissions (default: $LABKIT_RESULTS, else "
+                   "~/.cache/labkit/grading-results); never a folder found in a submission")
     g.add_argument("--source", default=None, metavar="SOURCE.ipynb",
                    help="with --execute: the lab's source version, whose locked cells (with "
                    "the hidden tests nbgrader's release strips) are run (default: LAB when it "
@@ -391,19 +395,23 @@ def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         grade_submissions,
         load_release,
         load_source,
+        results_folder,
         write_feedback,
         write_gradebook,
     )
 
     if not args.execute:
         for flag, value in (("--timeout", args.timeout), ("--kernel", args.kernel),
-                            ("--save-executed", args.save_executed), ("--source", args.source)):
+                            ("--save-executed", args.save_executed), ("--source", args.source),
+                            ("--results", args.results)):
             if value is not None:
                 parser.error(f"{flag} only applies with --execute")
     timeout = 600.0 if args.timeout is None else args.timeout
     try:
         source = None
         if args.execute:
+            runs = results_folder(args.results, args.submissions)
+            print(f"--execute: the labs train their runs in {runs} (shared by all submissions)")
             release = load_release(args.lab)
             source = load_source(args.source, release).path
             print(f"--execute: the locked cells run as in {source}"
@@ -415,6 +423,7 @@ def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             args.submissions, args.lab, args.key, student_from=args.student_from,
             max_bytes=int(args.max_size * 2**20), execute=args.execute, timeout=timeout,
             kernel_name=args.kernel, save_executed=args.save_executed, source=source,
+            results=args.results,
         )
     except FileNotFoundError as e:
         print(f"labkit grade: error: {e}", file=sys.stderr)
