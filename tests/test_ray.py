@@ -1,0 +1,274 @@
+"""Sweeps on a Ray cluster (labkit.experiments.ray_executor), on a local two-CPU cluster.
+
+One cluster (``ray.init(num_cpus=2)``, loopback only, a small object store, its files in a
+temporary folder) serves the whole module and is shut down at the end; every process it
+started is checked to be gone. The points train the tiny model on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from labkit import cli
+from labkit.data import make_fake_cifar
+from labkit.experiments import load_results, plan_sweep, run_sweep
+from labkit.experiments import ray_executor as rx
+from labkit.store import METRICS_FILE, RESULT_FILE, read_jsonl
+
+ray = pytest.importorskip("ray", reason="Ray is installed by .ci/setup (labkit[ray])")
+
+N_TRAIN, N_TEST = 256, 128
+# The kill test needs epochs long enough to be killed in the middle of one.
+N_TRAIN_SLOW = 6144
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster for the module: 2 CPUs, no dashboard, an 80 MB object store."""
+    temp = tempfile.mkdtemp(prefix="lkray", dir="/tmp")  # short: Ray puts sockets in it
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
+             _temp_dir=temp, log_to_driver=False, logging_level="warning")
+    try:
+        yield temp
+    finally:
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        ray.shutdown()
+        _, alive = psutil.wait_procs(started, timeout=20)
+        for p in alive:  # by pid, only what this fixture started
+            p.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not alive, f"Ray left processes running: {[p.pid for p in alive]}"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_fake_cifar(root, "cifar10", n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    return str(root)
+
+
+def base(data_root, **kw):
+    d = {"profile": "short", "model": "tiny", "epochs": 2, "batch_size": 32, "device": "cpu",
+         "data_root": data_root}
+    d.update(kw)
+    return d
+
+
+def _curves(out):
+    """run hash -> per-epoch metrics without the wall time (the only number that may differ)."""
+    df = load_results(out)
+    return {h: [{k: v for k, v in m.items() if k != "time"}
+                for m in read_jsonl(Path(out) / "runs" / h / METRICS_FILE)]
+            for h in df["run"]}
+
+
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the Ray tasks (one CPU each)
+    return n
+
+
+def test_sweep_on_ray_equals_the_local_sweep(cluster, data_root, tmp_path):
+    import torch
+
+    spec = {"base": base(data_root), "grid": {"optimizer": ["sgd", "shb"], "lr": [0.05, 0.1]}}
+    n = _one_thread()
+    try:
+        local = run_sweep(spec, tmp_path / "local", progress=False)
+    finally:
+        torch.set_num_threads(n)
+    seen = []
+    remote = run_sweep(spec, tmp_path / "ray", progress=False, on_run_end=seen.append,
+                       executor=rx.RayExecutor("auto"))
+    assert local.complete and remote.complete
+    assert len(remote.points) == 4 and len(seen) == 4
+    assert [p.hash for p in remote.points] == [p.hash for p in local.points]
+    assert _curves(tmp_path / "ray") == _curves(tmp_path / "local")  # bit for bit
+    for p in remote.points:  # trained by a Ray worker, not by this process
+        worker = json.loads((Path(p.folder) / rx.WORKER_FILE).read_text())
+        assert worker["pid"] != os.getpid()
+    df = load_results(tmp_path / "ray")
+    assert list(df["status"]) == ["finished"] * 4
+    assert not (tmp_path / "ray" / rx.MARKER_FILE).exists()
+    # A second call trains nothing: every point is loaded by the driver.
+    again = run_sweep(spec, tmp_path / "ray", progress=False, executor=rx.RayExecutor("auto"))
+    assert all(p.loaded for p in again.points)
+
+
+def test_killed_worker_is_retried_and_resumes(cluster, tmp_path_factory, tmp_path):
+    import psutil
+    import torch
+
+    root = tmp_path_factory.mktemp("slow-data")
+    make_fake_cifar(root, "cifar10", n_train=N_TRAIN_SLOW, n_test=N_TEST, seed=0)
+    spec = {"base": base(str(root), epochs=3, batch_size=64), "grid": {"lr": [0.05]}}
+    out = tmp_path / "ray"
+    box = {}
+
+    def sweep():
+        try:
+            box["result"] = run_sweep(spec, out, progress=False, executor=rx.RayExecutor("auto"))
+        except BaseException as e:  # reported by the test below
+            box["error"] = e
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    (point,) = plan_sweep(spec, out)
+    folder = Path(point.folder)
+    killed = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and thread.is_alive():
+        if len(read_jsonl(folder / METRICS_FILE)) >= 1 and (folder / rx.WORKER_FILE).exists():
+            pid = json.loads((folder / rx.WORKER_FILE).read_text())["pid"]
+            assert not (folder / RESULT_FILE).exists(), "the run ended before it could be killed"
+            os.kill(pid, signal.SIGKILL)  # the worker in the middle of epoch 2
+            killed = pid
+            break
+        time.sleep(0.02)
+    thread.join(timeout=150)
+    assert not thread.is_alive()
+    assert "error" not in box, box.get("error")
+    assert killed is not None and not psutil.pid_exists(killed)
+    result = box["result"]
+    assert result.complete
+    (p,) = result.points
+    assert p.status == "finished" and p.result.resumed_from >= 1  # resumed from its checkpoint
+    assert json.loads((folder / rx.WORKER_FILE).read_text())["pid"] != killed  # a retry
+    n = _one_thread()
+    try:
+        reference = run_sweep(spec, tmp_path / "local", progress=False)
+    finally:
+        torch.set_num_threads(n)
+    assert reference.points[0].result.resumed_from == 0
+    assert _curves(out) == _curves(tmp_path / "local")
+
+
+def test_failing_point_is_recorded_and_only_it_is_retried(cluster, data_root, tmp_path):
+    spec = {"base": base(data_root, epochs=1), "grid": {"lr": [0.05, 0.1, 0.2, 0.3]}}
+    out = tmp_path / "ray"
+    bad = plan_sweep(spec, out)[1]
+    Path(bad.folder).mkdir(parents=True)
+    (Path(bad.folder) / "config.json").write_text("{not json")  # training it raises
+    first = run_sweep(spec, out, progress=False, executor=rx.RayExecutor("auto"))
+    assert [p.status for p in first.points] == ["finished", "failed", "finished", "finished"]
+    assert "is not a valid labkit run config" in first.points[1].error
+    df = load_results(out)
+    assert list(df["status"]) == ["finished", "failed", "finished", "finished"]
+    assert "not a valid labkit run config" in df["error"][1]
+    tokens = {p.hash: (Path(p.folder) / rx.WORKER_FILE).read_text() for p in first.points}
+
+    (Path(bad.folder) / "config.json").unlink()  # the cause is fixed: a rerun retries it
+    retry = run_sweep(spec, out, progress=False, executor=rx.RayExecutor("auto"))
+    assert retry.complete
+    assert [p.loaded for p in retry.points] == [True, False, True, True]
+    for p in retry.points:
+        now = (Path(p.folder) / rx.WORKER_FILE).read_text()
+        assert (now != tokens[p.hash]) == (p.hash == bad.hash)  # only it ran again
+    assert load_results(out)["error"].isna().all()
+
+
+def test_stop_request_cancels_the_tasks_and_leaves_runs_resumable(cluster, data_root, tmp_path):
+    spec = {"base": base(data_root, epochs=30), "grid": {"lr": [0.05, 0.1, 0.2]}}
+    out = tmp_path / "ray"
+    stop = threading.Event()
+
+    def on_start_check():
+        # Stop once a point has a finished epoch on disk (it is in the middle of the next).
+        while not stop.is_set():
+            for p in plan_sweep(spec, out):
+                if len(read_jsonl(Path(p.folder) / METRICS_FILE)) >= 1:
+                    stop.set()
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=on_start_check)
+    watcher.start()
+    try:
+        result = run_sweep(spec, out, progress=False, stop_event=stop,
+                           executor=rx.RayExecutor("auto"))
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.stopped and not result.complete
+    statuses = [p.status for p in result.points]
+    assert "stopped" in statuses and set(statuses) <= {"stopped", "pending", "finished"}
+    assert list(load_results(out)["status"]) == statuses
+    # Nothing keeps training after the stop: the run folders no longer change.
+    sizes = [len(read_jsonl(Path(p.folder) / METRICS_FILE)) for p in result.points]
+    time.sleep(1.0)
+    assert [len(read_jsonl(Path(p.folder) / METRICS_FILE)) for p in result.points] == sizes
+    assert [p.status for p in plan_sweep(spec, out)] == statuses
+
+
+# --------------------------------------------------------------------------- clear errors
+
+
+def test_unreachable_address_is_one_clear_line(capsys, cluster, tmp_path):
+    with pytest.raises(rx.ClusterError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:9"):
+        rx.check_address("127.0.0.1:9")
+    with pytest.raises(ValueError, match="invalid Ray address 'nohost'.*auto, local"):
+        rx.RayExecutor("nohost")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: {profile: smoke, device: cpu, epochs: 1}\ngrid: {lr: [0.1]}\n")
+    code = cli.main(["sweep", str(grid), "--out", str(tmp_path / "out"), "--ray",
+                     "ray://127.0.0.1:9", "--quiet", "--data-root", str(tmp_path / "data")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.count("\n") == 0 and "cannot reach the Ray cluster at ray://127.0.0.1:9" in err
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", str(grid), "--out", str(tmp_path / "out"), "--ray", "host:port"])
+    assert "--ray: invalid Ray address 'host:port'" in capsys.readouterr().err
+
+
+def test_out_folder_not_visible_from_workers(cluster, data_root, tmp_path):
+    from labkit.train import TrainConfig
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    cfg = TrainConfig(**base(data_root), out=str(out / "runs" / "x"))
+    with pytest.raises(rx.FolderNotVisibleError, match="not visible from the Ray worker"):
+        rx.point_task(cfg, str(out), "token")  # no marker: the driver's folder is not here
+    (out / rx.MARKER_FILE).write_text("another\n")
+    task = ray.remote(rx.point_task).options(num_cpus=1)
+    with pytest.raises(rx.FolderNotVisibleError) as e:
+        ray.get(task.remote(cfg, str(out), "token"))  # through Ray, as the driver sees it
+    assert f"the sweep folder {out} is not visible" in str(e.value)
+    assert "belongs to another sweep" in str(e.value)
+    assert not (out / "runs" / "x").exists()  # nothing was trained or written
+
+
+def test_ray_not_installed_is_one_clear_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(rx.ClusterError, match=r"pip install 'labkit\[ray\]'"):
+        rx.import_ray()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: {profile: smoke, device: cpu, epochs: 1}\ngrid: {lr: [0.1]}\n")
+    code = cli.main(["sweep", str(grid), "--out", str(tmp_path / "out"), "--ray", "auto"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0
+    assert err == ("labkit sweep: error: Ray is not installed; running sweeps on a Ray cluster "
+                   "needs it: pip install 'labkit[ray]'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_executor_from_env():
+    assert rx.executor_from_env({}) is None
+    assert rx.executor_from_env({rx.ENV_ADDRESS: " "}) is None
+    ex = rx.executor_from_env({rx.ENV_ADDRESS: "ray://head:10001"})
+    assert isinstance(ex, rx.RayExecutor) and ex.address == "ray://head:10001"
+    with pytest.raises(ValueError, match="gpus_per_point must be >= 0"):
+        rx.RayExecutor("auto", gpus_per_point=-1)
