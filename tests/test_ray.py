@@ -39,18 +39,28 @@ def cluster():
     import psutil
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
-             _temp_dir=temp, log_to_driver=False, logging_level="warning")
     try:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
+                 _temp_dir=temp, log_to_driver=False, logging_level="warning")
         yield temp
     finally:
         started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         ray.shutdown()
         _, alive = psutil.wait_procs(started, timeout=20)
+        alive = [p for p in alive if _running(p)]
         for p in alive:  # by pid, only what this fixture started
             p.kill()
         shutil.rmtree(temp, ignore_errors=True)
         assert not alive, f"Ray left processes running: {[p.pid for p in alive]}"
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE  # a zombie is dead, not yet reaped
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture(scope="module")

@@ -163,7 +163,8 @@ def check_address(address: str) -> None:
 
 def connect(address: str, **init_kwargs: Any) -> bool:
     """Connect this process to the cluster at ``address`` (``auto``, ``local``,
-    ``ray://HOST:PORT``, ``HOST:PORT``) unless it is connected already.
+    ``ray://HOST:PORT``, ``HOST:PORT``) unless it is connected already (the address is checked
+    either way).
 
     ``local`` starts a cluster on this machine (stopped by ``ray.shutdown()``); ``init_kwargs``
     go to ``ray.init`` (e.g. ``num_cpus`` or ``object_store_memory`` for ``local``).
@@ -176,9 +177,9 @@ def connect(address: str, **init_kwargs: Any) -> bool:
         ClusterError: Ray missing, or no cluster there.
     """
     ray = import_ray()
+    check_address(address)
     if ray.is_initialized():
         return False
-    check_address(address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "logging_level": "warning"}
     kwargs.update(init_kwargs)
