@@ -22,12 +22,15 @@ Ray is an optional dependency: ``pip install 'labkit[ray]'`` (on the driver and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,11 @@ __all__ = [
     "ClusterError",
     "FolderNotVisibleError",
     "RayExecutor",
+    "check_address",
+    "check_marker",
+    "connected",
     "executor_from_env",
+    "import_ray",
     "point_task",
 ]
 
@@ -161,45 +168,62 @@ def check_address(address: str) -> None:
         ) from None
 
 
-def connect(address: str, **init_kwargs: Any) -> bool:
+#: ``ray.init`` settings of a ``local`` cluster: the tasks exchange only configs and metrics,
+#: so the object store (shared memory) stays small.
+LOCAL_OBJECT_STORE_BYTES = 128 * 1024**2
+
+
+@contextlib.contextmanager
+def connected(address: str, **init_kwargs: Any) -> Iterator[None]:
     """Connect this process to the cluster at ``address`` (``auto``, ``local``,
-    ``ray://HOST:PORT``, ``HOST:PORT``) unless it is connected already (the address is checked
-    either way).
+    ``ray://HOST:PORT``, ``HOST:PORT``) for the ``with`` block, unless it is connected already
+    (then that connection is used and kept; the address is checked either way).
 
-    ``local`` starts a cluster on this machine (stopped by ``ray.shutdown()``); ``init_kwargs``
-    go to ``ray.init`` (e.g. ``num_cpus`` or ``object_store_memory`` for ``local``).
-
-    Returns:
-        True when this call connected (so the caller shuts the connection down again).
+    ``local`` starts a cluster on this machine with its files in a temporary folder; leaving
+    the block stops its processes and removes the folder. ``init_kwargs`` go to ``ray.init``
+    (e.g. ``num_cpus`` or ``object_store_memory`` for ``local``).
 
     Raises:
         ValueError: a malformed address.
-        ClusterError: Ray missing, or no cluster there.
+        ClusterError: Ray missing, or no cluster there (or a local one failed to start).
     """
     ray = import_ray()
     check_address(address)
     if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                              "logging_level": "warning"}
+        yield
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "warning"}
+    temp = None
+    if address == "local":
+        temp = tempfile.mkdtemp(prefix="labkit-ray-")
+        kwargs.update(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                      _temp_dir=temp)
     kwargs.update(init_kwargs)
     try:
-        if address == "local":
-            ray.init(**kwargs)
-        else:
-            kwargs.pop("include_dashboard", None)  # a setting of the cluster, not the driver
-            ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError, TimeoutError) as e:
-        text = " ".join(str(e).split())
-        if address == "auto":
-            raise ClusterError(
-                "no running Ray cluster found (--ray auto looks for one started on this "
-                "machine with ray start, or RAY_ADDRESS); start one, or give its address "
-                f"ray://HOST:PORT, or use --ray local ({text[:200]})"
-            ) from None
-        raise ClusterError(
-            f"cannot connect to the Ray cluster at {address}: {text[:300]}") from None
-    return True
+        try:
+            if address == "local":
+                ray.init(**kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+        except Exception as e:  # Ray raises ConnectionError, RuntimeError or a bare Exception
+            ray.shutdown()
+            text = " ".join(str(e).split())[:300]
+            if address == "auto":
+                raise ClusterError(
+                    "no running Ray cluster found (--ray auto looks for one started on this "
+                    "machine with ray start, or RAY_ADDRESS); start one, give its address "
+                    f"ray://HOST:PORT, or use --ray local ({text})"
+                ) from None
+            if address == "local":
+                raise ClusterError(f"could not start a local Ray cluster: {text}") from None
+            raise ClusterError(f"cannot connect to the Ray cluster at {address}: {text}") from None
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the executor
@@ -260,12 +284,8 @@ class RayExecutor:
 
     def __call__(self, sweep: SweepRun) -> bool:
         ray = import_ray()
-        owned = connect(self.address, **self.init_kwargs)
-        try:
+        with connected(self.address, **self.init_kwargs):
             return self._run(ray, sweep)
-        finally:
-            if owned:
-                ray.shutdown()
 
     def _gpus(self, ray: Any) -> float:
         if self.gpus_per_point is not None:

@@ -957,11 +957,11 @@ class SweepRun:
             self.on_run_end(point)
 
     def interrupted(self, point: PointResult) -> None:
-        """The point was cut short (Ctrl-C, a cancelled task): ``stopped`` when it had
-        started (its folder resumes from its last checkpoint), else what its folder holds."""
-        was_running = point.hash in self.running
+        """The point was cut short (Ctrl-C, a cancelled task): its status is what its folder
+        holds, ``stopped`` (resumable from its last checkpoint), ``pending`` (no epoch
+        finished) or ``finished`` (it ended as it was cut)."""
         self.running.discard(point.hash)
-        point.status = "stopped" if was_running else run_state(Path(point.folder))[0]
+        point.status = run_state(Path(point.folder))[0]
         self._save(point, point.status)
 
 
