@@ -41,6 +41,12 @@ it while the sweep runs. Statuses: ``pending`` (nothing on disk), ``running``, `
 (epochs on disk, resumable), ``finished``, ``diverged`` (a non-finite loss; recorded, the sweep
 goes on) and ``failed`` (an exception inside training; recorded with its message, retried on
 the next call).
+
+Who trains the points is the *executor*'s business (``run_sweep(..., executor=...)``): by
+default :func:`local_executor`, one point after another in this process;
+:class:`labkit.experiments.ray_executor.RayExecutor` runs them as tasks on a Ray cluster. Both
+call :func:`run_point` for each point and report to a :class:`SweepRun`, which keeps
+``index.json``: only the process that called :func:`run_sweep` writes it.
 """
 
 from __future__ import annotations
