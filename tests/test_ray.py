@@ -206,14 +206,19 @@ def test_killed_worker_is_retried_and_resumes(cluster, tmp_path_factory, tmp_pat
     assert _curves(out) == _curves(tmp_path / "local")
 
 
-def test_failing_point_is_recorded_and_only_it_is_retried(cluster, data_root, tmp_path):
+def test_failing_point_is_recorded_and_only_it_is_retried(cluster, data_root, tmp_path, capsys):
     spec = {"base": base(data_root, epochs=1), "grid": {"lr": [0.05, 0.1, 0.2, 0.3]}}
     out = tmp_path / "ray"
     bad = plan_sweep(spec, out)[1]
     Path(bad.folder).mkdir(parents=True)
     (Path(bad.folder) / "config.json").write_text("{not json")  # training it raises
-    first = run_sweep(spec, out, progress=False, executor=rx.RayExecutor("auto"))
+    first = run_sweep(spec, out, progress=True, executor=rx.RayExecutor("auto"))
     assert [p.status for p in first.points] == ["finished", "failed", "finished", "finished"]
+    shown = capsys.readouterr()
+    # The bar counts done / running / failed points; a summary line per finished point.
+    assert "4/4" in shown.err and "failed=1" in shown.err and "running=0" in shown.err
+    assert f"[2/4] {bad.hash} failed     ValueError: " in shown.out
+    assert sum(f"[{i}/4] " in shown.out for i in (1, 3, 4)) == 3
     assert "is not a valid labkit run config" in first.points[1].error
     df = load_results(out)
     assert list(df["status"]) == ["finished", "failed", "finished", "finished"]

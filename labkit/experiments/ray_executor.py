@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from labkit.data import default_data_root
 from labkit.experiments.sweep import PointOutcome, PointResult, SweepRun, run_point
 from labkit.store import RUNS_FOLDER, atomic_write_bytes, atomic_write_json
 from labkit.train import TrainConfig
@@ -239,6 +240,15 @@ def _summary(point: PointResult, n: int) -> str:
     return f"[{point.index + 1}/{n}] {point.hash} {what:<9}{extra}"
 
 
+def _for_workers(point: PointResult, out: str) -> TrainConfig:
+    """The point's config with absolute paths (a worker's working folder and environment
+    differ from the driver's): its run folder, and the driver's data root."""
+    cfg = point.config
+    root = Path(cfg.data_root) if cfg.data_root else default_data_root()
+    return dataclasses.replace(cfg, out=str(Path(out) / RUNS_FOLDER / point.hash),
+                               data_root=str(root.expanduser().resolve()))
+
+
 class RayExecutor:
     """Runs a sweep's points as Ray tasks (pass it as ``run_sweep(..., executor=...)``).
 
@@ -322,9 +332,8 @@ class RayExecutor:
             num_gpus=self._gpus(ray), num_cpus=self.cpus_per_point,
             max_retries=self.max_retries, retry_exceptions=False, name="labkit-point")
         refs: dict[Any, PointResult] = {}
-        for point in todo:  # workers get absolute paths: their working folder differs
-            cfg = dataclasses.replace(point.config, out=str(Path(out) / RUNS_FOLDER / point.hash))
-            refs[task.remote(cfg, out, token)] = point
+        for point in todo:
+            refs[task.remote(_for_workers(point, out), out, token)] = point
         waiting = dict(refs)  # submitted, not yet seen running
         try:
             while refs:
