@@ -259,7 +259,8 @@ class RayExecutor:
             process is connected already (``ray.init`` was called).
         gpus_per_point: GPUs each task requests; None: 1 when the cluster has GPUs, else 0.
             A fraction (e.g. 0.25) packs several small runs onto one GPU.
-        cpus_per_point: CPUs each task requests (also its number of torch threads).
+        cpus_per_point: CPUs each task requests (Ray sets the task's ``OMP_NUM_THREADS``, and
+            so torch's thread count, from it).
         max_retries: how often Ray retries a task whose worker died; each retry resumes from
             the run folder's last checkpoint.
         init_kwargs: more ``ray.init`` arguments (e.g. ``num_cpus`` and
@@ -341,7 +342,7 @@ class RayExecutor:
                 for ref in ready:
                     point = refs.pop(ref)
                     waiting.pop(ref, None)
-                    done(point, self._outcome(ray, ref, point))
+                    done(point, self._outcome(ray, ref))
                 self._poll_started(sweep, waiting, token)
                 if refs and sweep.should_stop():
                     self._cancel(ray, sweep, refs)
@@ -367,7 +368,8 @@ class RayExecutor:
                 del waiting[ref]
                 sweep.started(point)
 
-    def _outcome(self, ray: Any, ref: Any, point: PointResult) -> PointOutcome:
+    def _outcome(self, ray: Any, ref: Any) -> PointOutcome:
+        """The task's outcome; what Ray raised for it, as a ``failed`` or ``stopped`` one."""
         from ray import exceptions as rex
 
         try:
@@ -392,10 +394,8 @@ class RayExecutor:
         """Cancel the unfinished tasks (a KeyboardInterrupt inside each, as Ctrl-C does
         locally) and record their points as resumable."""
         for ref in refs:
-            try:
+            with contextlib.suppress(Exception):  # a task that has just ended
                 ray.cancel(ref)
-            except Exception:  # noqa: S110 - a task that just ended cannot be cancelled
-                pass
         if refs:
             ray.wait(list(refs), num_returns=len(refs), timeout=10)
         for point in refs.values():
