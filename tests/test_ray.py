@@ -158,6 +158,29 @@ def test_cli_sweep_on_ray(cluster, data_root, tmp_path, capsys):
     assert cli.main(argv) == 0 and " loaded " in capsys.readouterr().out
 
 
+def test_lab_panel_runs_on_ray_when_the_address_is_set(cluster, lab_data_env, monkeypatch,
+                                                       tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from labkit import widgets
+    from labkit.labs import lab1
+
+    monkeypatch.setenv(rx.ENV_ADDRESS, "auto")
+    panel = widgets.ExperimentPanel(
+        "Lab 1", controls=lab1.controls(), build_grid=lab1.grid, out_dir=tmp_path / "sweep",
+        validate=lab1.validate, defaults=lab1.defaults, curve_label=lab1.label,
+        profile="smoke", background=False)
+    panel.set_values(optimizers=("adam",), etas=(0.5, 4.0), epochs=1)
+    result = panel.run()
+    assert result.complete
+    assert panel.status_text.startswith("done") and "2 trained" in panel.status_text
+    assert [len(pts) for _, pts in panel.plot.series.values()] == [1, 1]  # drawn as runs end
+    for p in result.points:
+        worker = json.loads((Path(p.folder) / rx.WORKER_FILE).read_text())
+        assert worker["pid"] != os.getpid()
+
+
 def test_killed_worker_is_retried_and_resumes(cluster, tmp_path_factory, tmp_path):
     import psutil
     import torch

@@ -17,6 +17,10 @@ Ray places the tasks and retries them: a task whose worker process or node dies 
 raises is recorded ``failed`` with its message and the others go on; Ctrl-C (or the stop request
 of a lab panel) cancels the tasks, which leaves every run folder resumable.
 
+On the CPU the numbers equal those of a local sweep bit for bit when torch uses as many threads
+there as a task has CPUs (``cpus_per_point``, 1 by default): the thread count changes the order
+of floating-point sums.
+
 Ray is an optional dependency: ``pip install 'labkit[ray]'`` (on the driver and every node).
 """
 
