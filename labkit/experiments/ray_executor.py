@@ -197,7 +197,8 @@ def connected(address: str, **init_kwargs: Any) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "warning"}
+    # Quiet: the sweep reports each point itself; Ray's errors still raise.
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "error"}
     temp = None
     if address == "local":
         temp = tempfile.mkdtemp(prefix="labkit-ray-")
