@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+import ray  # labkit[ray]: requirements.txt pins it, so .ci/setup installs it
 
 from labkit import cli
 from labkit.data import make_fake_cifar
 from labkit.experiments import load_results, plan_sweep, run_sweep
 from labkit.experiments import ray_executor as rx
 from labkit.store import METRICS_FILE, RESULT_FILE, read_jsonl
-
-ray = pytest.importorskip("ray", reason="Ray is installed by .ci/setup (labkit[ray])")
 
 N_TRAIN, N_TEST = 256, 128
 # The kill test needs epochs long enough to be killed in the middle of one.
@@ -329,6 +328,13 @@ def test_unreachable_address_is_one_clear_line(capsys, cluster, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["sweep", str(grid), "--out", str(tmp_path / "out"), "--ray", "host:port"])
     assert "--ray: invalid Ray address 'host:port'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", str(grid), "--out", str(tmp_path / "out"), "--gpus-per-point", "1"])
+    assert "--gpus-per-point needs --ray ADDRESS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", str(grid), "--out", str(tmp_path / "out"), "--ray", "auto",
+                  "--gpus-per-point", "-1"])
+    assert "gpus_per_point must be >= 0" in capsys.readouterr().err
 
 
 def test_out_folder_not_visible_from_workers(cluster, data_root, tmp_path):
