@@ -32,6 +32,7 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -334,8 +335,13 @@ class RayExecutor:
         token = secrets.token_hex(16)
         marker = Path(out) / MARKER_FILE
         atomic_write_bytes(marker, (token + "\n").encode())
+        gpus = self._gpus(ray)
+        if gpus > 0 and not ray.cluster_resources().get("GPU", 0):
+            print(f"labkit: the Ray cluster has no GPU now; the points, {gpus:g} GPU each, wait "
+                  "until GPU nodes join (use gpus_per_point=0, --gpus-per-point 0, to run them "
+                  "on CPUs)", file=sys.stderr, flush=True)
         task = ray.remote(point_task).options(
-            num_gpus=self._gpus(ray), num_cpus=self.cpus_per_point,
+            num_gpus=gpus, num_cpus=self.cpus_per_point,
             max_retries=self.max_retries, retry_exceptions=False, name="labkit-point")
         refs: dict[Any, PointResult] = {}
         for point in todo:
