@@ -310,6 +310,23 @@ def test_ctrl_c_cancels_the_tasks_and_leaves_runs_resumable(cluster, data_root, 
     assert not (out / rx.MARKER_FILE).exists()
 
 
+def test_points_wait_for_gpus_the_cluster_lacks(cluster, data_root, tmp_path, capsys):
+    spec = {"base": base(data_root, epochs=1), "grid": {"lr": [0.05, 0.1]}}
+    out = tmp_path / "ray"
+    polls = []
+
+    def stop():  # the queued tasks can never start here (no GPU): stop after a few polls
+        polls.append(1)
+        return len(polls) > 8
+
+    result = run_sweep(spec, out, progress=False, stop_event=stop,
+                       executor=rx.RayExecutor("auto", gpus_per_point=0.5))
+    assert "the Ray cluster has no GPU now; the points, 0.5 GPU each, wait" in \
+        capsys.readouterr().err
+    assert result.stopped and [p.status for p in result.points] == ["pending", "pending"]
+    assert list(load_results(out)["status"]) == ["pending", "pending"]
+    assert not any((Path(p.folder) / rx.WORKER_FILE).exists() for p in result.points)
+
 # --------------------------------------------------------------------------- clear errors
 
 
