@@ -32,6 +32,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 CIFAR10_FILES = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
 CIFAR100_FILES = {"train", "test", "meta"}
+# make_fake_cifar writes its completion marker last, beside the official files.
+GENERATED = {D.GENERATED_MARKER}
 
 # The fine -> coarse label map of the real CIFAR-100 files (fine labels 0..99 in file order),
 # written out independently of labkit's superclass table.
@@ -70,7 +72,7 @@ def write_py3_pickle(path, obj):
 def test_fake_cifar10_layout_keys_and_dtypes(tmp_path):
     folder = make_fake_cifar(tmp_path, "cifar10", n_train=13, n_test=7, seed=1)
     assert folder == tmp_path / "cifar-10-batches-py"
-    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES | GENERATED
     sizes = []
     for i in range(1, 6):
         entry = unpickle(folder / f"data_batch_{i}")
@@ -94,7 +96,7 @@ def test_fake_cifar10_layout_keys_and_dtypes(tmp_path):
 def test_fake_cifar100_layout_keys_and_coarse_labels(tmp_path):
     folder = make_fake_cifar(tmp_path, "cifar100", n_train=300, n_test=200, seed=2)
     assert folder == tmp_path / "cifar-100-python"
-    assert {p.name for p in folder.iterdir()} == CIFAR100_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR100_FILES | GENERATED
     for split, n in (("train", 300), ("test", 200)):
         entry = unpickle(folder / split)
         assert set(entry) == {
@@ -411,7 +413,7 @@ def test_read_only_folder_skips_the_cache_silently(tmp_path, monkeypatch):
     monkeypatch.setattr(D.tempfile, "mkstemp", refuse)
     data = load_cifar("cifar10", tmp_path)
     assert len(data.train_y) == 20
-    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES | GENERATED
 
 
 def test_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -422,7 +424,7 @@ def test_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D.os, "replace", disk_full)
     load_cifar("cifar10", tmp_path)
-    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES | GENERATED
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def test_run_state_reads_the_status_from_the_files(tmp_path):
     store.atomic_write_json(run / store.RESULT_FILE, {"status": "diverged"})
     assert store.run_state(run) == ("diverged", [{"epoch": 1}])
     (run / store.RESULT_FILE).write_text("{")
-    with pytest.raises(ValueError, match="is not a labkit run result"):
+    with pytest.raises(store.DamagedFileError, match=r"result\.json is damaged \(not JSON.*"
+                       "delete it and run again: the run resumes from its checkpoint"):
         store.run_state(run)
 
 

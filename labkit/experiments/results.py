@@ -347,13 +347,16 @@ def _store(store: Path, records: list[dict[str, Any]], settings: Mapping[str, An
 
 def _final_model(folder: Path, cfg: TrainConfig, num_classes: int, device: Any) -> Any:
     """The run's model with the weights of its last checkpoint, on ``device``."""
-    import torch
-
     from labkit import models as lk_models
+    from labkit.train import load_checkpoint
 
     model = lk_models.build_model(cfg.model, num_classes)
-    ckpt = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint(folder / "checkpoint.pt")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{folder / 'checkpoint.pt'} holds no {cfg.model} model of this run "
+                         f"({type(e).__name__}); train the run again to write it") from None
     return model.to(device)
 
 
