@@ -144,11 +144,13 @@ class FolderBusyError(RuntimeError):
         self.pid = pid
 
 
-def _lock_holder(path: Path) -> int | None:
+def _lock_holder(path: Path) -> tuple[int | None, str | None]:
+    """(pid, what it writes) of the holder, from the lock file ("<pid> <what>")."""
     try:
-        return int(path.read_text().strip() or 0) or None
+        pid, _, what = path.read_text().strip().partition(" ")
+        return int(pid) or None, what or None
     except (OSError, ValueError):
-        return None
+        return None, None
 
 
 @contextlib.contextmanager
@@ -156,7 +158,7 @@ def writing(folder: str | os.PathLike, what: str = "a run") -> Iterator[Path]:
     """Hold the writer's lock of ``folder`` (created when missing) for the ``with`` block.
 
     An inter-process ``flock`` on ``<folder>/.labkit-writer.lock``, which holds the pid of its
-    holder and is removed on exit. The operating system releases it when its process dies, so a
+    holder and ``what`` it writes, and is removed on exit. The operating system releases it when its process dies, so a
     killed writer never blocks the next one. Nested use on one folder in one process is an
     error as well: two writers are two writers.
 
@@ -178,7 +180,8 @@ def writing(folder: str | os.PathLike, what: str = "a run") -> Iterator[Path]:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            raise FolderBusyError(folder, _lock_holder(path), what) from None
+            pid, theirs = _lock_holder(path)
+            raise FolderBusyError(folder, pid, theirs or what) from None
         # The previous holder may have removed the file between our open and our lock: then
         # we hold a lock on a file nobody else sees; take the one on the path instead.
         try:
@@ -190,7 +193,7 @@ def writing(folder: str | os.PathLike, what: str = "a run") -> Iterator[Path]:
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {what}\n".encode())
         yield folder
     finally:
         with contextlib.suppress(OSError):
