@@ -415,7 +415,7 @@ def test_failed_point_is_recorded_and_retried(tmp_path, data_root):
                        on_run_end=try_nested)
     assert [p.status for p in result.points] == ["failed", "finished"]
     assert "simulated CUDA out of memory" in result.points[0].error
-    assert nested and all("already running" in m for m in nested)
+    assert nested and all("is in use: process" in m for m in nested)
     df = load_results(out)
     assert list(df["status"]) == ["failed", "finished"]
     assert "RuntimeError: simulated CUDA out of memory" in df["error"][0]
