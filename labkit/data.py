@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -61,6 +60,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from labkit import store
 
 __all__ = [
     "CifarData",
@@ -832,7 +833,7 @@ def _generation_lock(folder: Path) -> Iterator[None]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder.with_name(f".{folder.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        store.lock_file(fd, wait=True)
         yield
     finally:
         os.close(fd)

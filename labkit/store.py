@@ -26,8 +26,6 @@ and ``index.json`` (:class:`SweepIndex`), rewritten atomically whenever a point 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import math
 import os
@@ -38,6 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt below
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -60,6 +63,7 @@ __all__ = [
     "clean_temporary_files",
     "finite_or_none",
     "keep_grad_norms",
+    "lock_file",
     "read_grad_norms",
     "read_index",
     "read_jsonl",
@@ -144,6 +148,28 @@ class FolderBusyError(RuntimeError):
         self.pid = pid
 
 
+def lock_file(fd: int, wait: bool) -> bool:
+    """Take an exclusive inter-process lock on the open file ``fd``: True once held; with
+    ``wait=False``, False at once when another holds it. The operating system releases it
+    when ``fd`` is closed or its process ends (however it ends)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+    import msvcrt
+
+    while True:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            if not wait:
+                return False
+            time.sleep(0.1)
+
+
 def _lock_holder(path: Path) -> tuple[int | None, str | None]:
     """(pid, what it writes) of the holder, from the lock file ("<pid> <what>")."""
     try:
@@ -157,9 +183,10 @@ def _lock_holder(path: Path) -> tuple[int | None, str | None]:
 def writing(folder: str | os.PathLike, what: str = "a run") -> Iterator[Path]:
     """Hold the writer's lock of ``folder`` (created when missing) for the ``with`` block.
 
-    An inter-process ``flock`` on ``<folder>/.labkit-writer.lock``, which holds the pid of its
-    holder and ``what`` it writes, and is removed on exit. The operating system releases it when its process dies, so a
-    killed writer never blocks the next one. Nested use on one folder in one process is an
+    An inter-process lock (:func:`lock_file`) on ``<folder>/.labkit-writer.lock``, a file
+    holding the holder's pid and ``what`` it writes, removed on exit. The operating system
+    releases the lock when its process dies, so a killed writer never blocks the next one.
+    Nested use on one folder in one process is an
     error as well: two writers are two writers.
 
     Raises:
@@ -175,11 +202,12 @@ def writing(folder: str | os.PathLike, what: str = "a run") -> Iterator[Path]:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+            held = lock_file(fd, wait=False)
+        except BaseException:
             os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
+            raise
+        if not held:
+            os.close(fd)
             pid, theirs = _lock_holder(path)
             raise FolderBusyError(folder, pid, theirs or what) from None
         # The previous holder may have removed the file between our open and our lock: then
