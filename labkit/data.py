@@ -439,9 +439,9 @@ def _save_cache(path: Path, arrays: dict[str, Any], sources: dict[str, list[int]
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".labkit-cache-", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared data folder
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared data folder
         os.replace(tmp, path)
     except (OSError, RuntimeError):
         # A read-only (e.g. shared instructor) folder or a full disk: run without a cache.

@@ -97,10 +97,10 @@ def atomic_replace(path: str | os.PathLike, write: Callable[[Path], Any]) -> Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask), so a
     # results folder shared with a group stays readable by it.
-    os.fchmod(fd, 0o666 & ~_umask())
-    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:

@@ -321,8 +321,12 @@ class RunResult:
 def load_run(folder: str | os.PathLike) -> RunResult:
     """Read a finished (or diverged) run folder without training.
 
+    The metrics are those of ``result.json`` (a ``metrics.jsonl`` that disagrees is reported
+    with a warning).
+
     Raises:
         FileNotFoundError: the folder has no ``result.json`` (it never finished).
+        labkit.store.DamagedFileError (a ValueError): its ``result.json`` is damaged.
     """
     folder = Path(folder)
     res = folder / "result.json"
