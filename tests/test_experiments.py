@@ -689,6 +689,11 @@ def test_a_damaged_result_marks_its_point_and_the_sweep_goes_on(tmp_path, data_r
     assert again.points[0].loaded and "delete it and run again" in again.points[1].error
     df = load_results(out)
     assert list(df["status"]) == ["finished", "damaged"] and df["error"][1].startswith(str(bad))
+    (out / "index.json").rename(out / "index.bak")  # read by scanning the run folders
+    df = load_results(out)
+    assert sorted(df["status"]) == ["damaged", "finished"]
+    assert len(load_history(out)) == 2  # one epoch each
+    (out / "index.bak").rename(out / "index.json")
     bad.unlink()  # what the message says to do
     assert [p.status for p in run_sweep(spec, out, progress=False).points] == ["finished"] * 2
 
