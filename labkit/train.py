@@ -763,8 +763,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ValueError: the file is not a readable labkit checkpoint (the message names it).
     """
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign file's pickle protocol
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file must not be a bare unpickling traceback
         # torch's own message advises retrying with weights_only=False, which would run any
         # code a foreign file holds: keep only its first line, without that advice.

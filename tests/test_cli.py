@@ -321,3 +321,22 @@ def test_ctrl_c_then_sigkill_then_resume(tmp_path, capsys):
               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+
+
+def test_a_garbage_checkpoint_or_index_is_one_line(tmp_path, capsys):
+    from labkit.train import TrainConfig
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = TrainConfig(profile="smoke", device="cpu", data_root=str(tmp_path / "data"))
+    (run_dir / "config.json").write_text(json.dumps(cfg.resolved().to_dict()))
+    (run_dir / "checkpoint.pt").write_bytes(b"\x80\x04garbage")
+    line = one_line_error(capsys, ["sharpness", str(run_dir), "--batches", "2"], 2)
+    assert f"cannot read the checkpoint {run_dir / 'checkpoint.pt'}" in line
+    assert "weights_only" not in line and "delete it" in line
+    (tmp_path / "index.json").write_text('{"points": {"abc": 3}}')
+    line = one_line_error(capsys, ["critical", "--results", str(tmp_path), "--eps", "0.5"], 1)
+    assert line == (f"labkit critical: error: {tmp_path / 'index.json'} is not a labkit sweep "
+                    "index (point 'abc' is not an entry with a config, a folder and an order); "
+                    "delete it: labkit sweep rebuilds it, and labkit.experiments.load_results "
+                    "reads the run folders instead")
