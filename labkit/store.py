@@ -60,6 +60,7 @@ __all__ = [
     "atomic_replace",
     "atomic_write_bytes",
     "atomic_write_json",
+    "check_folder",
     "clean_temporary_files",
     "finite_or_none",
     "keep_grad_norms",
@@ -179,6 +180,23 @@ def _lock_holder(path: Path) -> tuple[int | None, str | None]:
         return None, None
 
 
+def check_folder(folder: str | os.PathLike, what: str = "a run") -> Path:
+    """``folder`` as a Path, when it is a folder or does not exist yet.
+
+    Raises:
+        ValueError: it is a file, or lies under one.
+    """
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == folder else f"lies under the file {p}"
+                raise ValueError(f"{folder} {where}, not a folder; name a folder (new or "
+                                 f"existing) to write {what} into")
+            break
+    return folder
+
+
 @contextlib.contextmanager
 def writing(folder: str | os.PathLike, what: str = "a run") -> Iterator[Path]:
     """Hold the writer's lock of ``folder`` (created when missing) for the ``with`` block.
@@ -193,10 +211,7 @@ def writing(folder: str | os.PathLike, what: str = "a run") -> Iterator[Path]:
         FolderBusyError: another writer holds it (the message names its pid); nothing waits.
         ValueError: ``folder`` exists and is not a folder.
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file, not a folder; name a folder (new or existing) "
-                         f"to write {what} into")
+    folder = check_folder(folder, what)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / WRITER_LOCK
     while True:

@@ -137,6 +137,10 @@ def test_writing_into_a_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="is a file, not a folder; name a folder"):
         with store.writing(tmp_path / "f"):
             pass
+    with pytest.raises(ValueError, match=f"{tmp_path / 'f' / 'x'} lies under the file "
+                       f"{tmp_path / 'f'}, not a folder; .* to write a sweep into"):
+        store.check_folder(tmp_path / "f" / "x", "a sweep")
+    assert store.check_folder(tmp_path / "new" / "x") == tmp_path / "new" / "x"
 
 
 def test_temporary_files_of_a_killed_writer_are_cleaned(tmp_path):

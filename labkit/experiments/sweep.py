@@ -747,7 +747,7 @@ def plan_sweep(
             than the training set.
         FileNotFoundError / labkit.data.DatasetError: with ``check_data``, a missing data set.
     """
-    out = Path(out)
+    out = store.check_folder(out, "a sweep")
     configs = _as_configs(spec_or_configs, max_points)
     if check_data:
         sizes: dict[tuple, int] = {}
