@@ -18,19 +18,32 @@ Examples::
 
 ``labkit grade`` never imports torch: :func:`main` builds its parser alone
 (:func:`build_grade_parser`), without the training modules the other subcommands need.
+
+Errors are one line on stderr, never a traceback: bad input gets argparse's usage line and the
+error, a problem of the environment (a missing data set, a busy or damaged folder, a full
+disk) ``labkit CMD: error: ...``. Anything else is a bug of labkit's: one line says so and
+where to report it; ``LABKIT_DEBUG=1`` prints the traceback of every error as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import platform
 import sys
+import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from labkit import __version__
+
+#: Where bugs are reported (the book's repository, _config.yml).
+ISSUES_URL = "https://github.com/labkit-course/labkit/issues"
+DEBUG_VARIABLE = "LABKIT_DEBUG"
 
 
 def parse_value(text: str) -> Any:
@@ -213,6 +226,7 @@ def _sfo_pair(text: str) -> tuple[int, float]:
 
 def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
     from labkit.critical import OPTIMIZERS as CRITICAL_OPTIMIZERS
+    from labkit.experiments.sweep import MAX_POINTS
     from labkit.sharpness import NORMS
 
     s = sub.add_parser(
@@ -234,6 +248,9 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
                    "identity: runs made with another device setting are not reused)")
     s.add_argument("--dry-run", action="store_true",
                    help="list the points and which are already done; train nothing")
+    s.add_argument("--max-points", type=_positive_int, default=MAX_POINTS, metavar="N",
+                   help=f"refuse a grid of more than N points (default {MAX_POINTS:,}), "
+                   "counted before it is expanded")
     s.add_argument("--quiet", action="store_true", help="no per-point lines")
     s.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run the points as tasks on a Ray cluster: auto (one started here with "
@@ -398,6 +415,25 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def _unwritable(path: str, kind: str) -> str | None:
+    """Why ``path`` cannot become a file (``kind="file"``) or a folder, or None."""
+    p = Path(path)
+    flag = "--out" if kind == "file" else "--feedback"
+    if kind == "file" and p.is_dir():
+        return (f"{flag} {path} is a folder; name the CSV file to write, e.g. "
+                f"{p / 'gradebook.csv'}")
+    if kind == "folder" and p.exists() and not p.is_dir():
+        return f"{flag} {path} is a file; name a folder (it is created when missing)"
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{flag} {path}: {parent} is a file, so nothing can be created under it"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{flag} {path}: {parent} is not writable"
+            break
+    return None
+
+
 def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from labkit.grading import (
         grade_submissions,
@@ -415,6 +451,11 @@ def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             if value is not None:
                 parser.error(f"{flag} only applies with --execute")
     timeout = 600.0 if args.timeout is None else args.timeout
+    # Where the results go is checked before anything is graded (grading can take hours).
+    problem = _unwritable(args.out, "file") or (
+        _unwritable(args.feedback, "folder") if args.feedback else None)
+    if problem:
+        parser.error(problem)
     try:
         source = None
         if args.execute:
@@ -522,6 +563,7 @@ def _hparams(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[
 
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from labkit.data import DatasetError
+    from labkit.store import DamagedFileError, FolderBusyError
     from labkit.train import Callback, TrainConfig, train
 
     hparams = _hparams(args, parser)
@@ -536,7 +578,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     )
     try:
         config = config.resolved()
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         parser.error(str(e))
 
     class _Print(Callback):
@@ -555,10 +597,15 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     try:
         result = train(config, callbacks=() if args.quiet else (_Print(),), progress=False)
-    except (FileNotFoundError, DatasetError) as e:
+    except KeyboardInterrupt:
+        where = (f"run the same command again to resume ({args.out})" if args.out
+                 else "nothing was kept (no --out folder)")
+        print(f"labkit train: interrupted; {where}", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, DatasetError, DamagedFileError, FolderBusyError) as e:
         print(f"labkit train: error: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         parser.error(str(e))
     if result.loaded:
         print(f"{args.out} already holds a finished run; loaded its result (nothing trained).")
@@ -650,6 +697,7 @@ def _point_text(cfg: Any, keys: Sequence[str]) -> str:
 def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from labkit.data import DatasetError
     from labkit.experiments.sweep import expand_grid, load_spec, plan_sweep, run_sweep
+    from labkit.store import FolderBusyError
 
     try:
         spec = load_spec(args.grid)
@@ -662,22 +710,24 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                            ("device", args.device)):
             if value is not None:
                 base[key] = value
-        configs = expand_grid(spec)
-    except (FileNotFoundError, ValueError) as e:
+        configs = expand_grid(spec, args.max_points)
+    except (FileNotFoundError, ValueError, TypeError) as e:
         parser.error(str(e))
     keys = _varying(configs)
 
     if args.dry_run:
         note = None
         try:
-            points = plan_sweep(configs, args.out, check_data=True)
+            points = plan_sweep(configs, args.out, check_data=True, max_points=None)
         except (FileNotFoundError, DatasetError) as e:
-            points = plan_sweep(configs, args.out)
+            points = plan_sweep(configs, args.out, max_points=None)
             note = f"batch sizes not checked against the data set: {e}"
         except ValueError as e:
             parser.error(str(e))
         for p in points:
             print(f"{p.index + 1:>4}  {p.hash}  {p.status:<9} {_point_text(p.config, keys)}")
+            if p.status == "damaged":
+                print(f"      {p.error}")
         counts: dict[str, int] = {}
         for p in points:
             counts[p.status] = counts.get(p.status, 0) + 1
@@ -691,7 +741,7 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     n = len(configs)
 
     def report(p) -> None:
-        if args.quiet:
+        if args.quiet and p.status != "damaged":
             return
         final = p.result.final if p.result is not None else {}
         acc = final.get("test_acc")
@@ -720,12 +770,13 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                      "device)")
     try:
         result = run_sweep(configs, args.out, progress=sys.stderr.isatty() and not args.quiet,
-                           on_run_end=report, executor=executor)
+                           on_run_end=report, executor=executor,
+                           max_points=None)
     except KeyboardInterrupt:
         print(f"labkit sweep: interrupted; run the same command again to resume ({args.out})",
               file=sys.stderr)
         return 130
-    except (FileNotFoundError, DatasetError) as e:
+    except (FileNotFoundError, DatasetError, FolderBusyError) as e:
         print(f"labkit sweep: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
@@ -739,6 +790,11 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if counts.get("failed"):
         print(f"labkit sweep: {counts['failed']} point(s) failed; see the error column of "
               "labkit.experiments.load_results; re-running retries them", file=sys.stderr)
+    if counts.get("damaged"):
+        print(f"labkit sweep: {counts['damaged']} point(s) have a damaged result.json (the "
+              "lines above name them and say what to do); the other points went on",
+              file=sys.stderr)
+    if counts.get("failed") or counts.get("damaged"):
         return 1
     return 0 if result.complete else 3
 
@@ -860,6 +916,7 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
 
     from labkit.data import DatasetError
     from labkit.experiments.sfo import measure_sfo, sfo_curves
+    from labkit.store import DamagedFileError, FolderBusyError
     from labkit.train import TrainConfig
 
     # Options of the formula mode given before `measure`.
@@ -905,7 +962,7 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
         print(f"labkit critical measure: interrupted; run the same command again to resume "
               f"({args.out})", file=sys.stderr)
         return 130
-    except (FileNotFoundError, DatasetError) as e:
+    except (FileNotFoundError, DatasetError, DamagedFileError, FolderBusyError) as e:
         print(f"labkit critical measure: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:
@@ -961,8 +1018,54 @@ def _cmd_sharpness(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each (``labkit: warning: ...``), without the source line."""
+    print(f"labkit: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _environment_error(e: OSError) -> str:
+    """One line for an error of the machine (full disk, no permission, ...)."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on the device{where}; free some space and run the same "
+                "command again (an interrupted run resumes from its last checkpoint)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write{where}: {e.strerror}; choose a folder you can write"
+    return f"{e.strerror or e}{where}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 error, 2 bad input, 3 not
+    complete, 130 interrupted). Errors are one line each (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else "labkit"
+    debug = os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _show_warning
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+            print(f"labkit {command}: interrupted", file=sys.stderr)
+            return 130
+        except OSError as e:
+            if debug:
+                traceback.print_exc()
+            print(f"labkit {command}: error: {_environment_error(e)}", file=sys.stderr)
+            return 1
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            what = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"labkit {command}: internal error (a bug in labkit {__version__}): "
+                  f"{type(e).__name__}: {what}. Please report it at {ISSUES_URL} with the "
+                  f"traceback that {DEBUG_VARIABLE}=1 prints", file=sys.stderr)
+            return 1
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["grade"]:
         # Grading must not import torch or the training code: it gets a parser of its own.
         grade_parser = build_grade_parser()

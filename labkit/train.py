@@ -314,14 +314,19 @@ class RunResult:
             "epochs_completed": len(self.metrics),
             "final": self.final,
             "config": self.config,
+            "metrics": self.metrics,
         }
 
 
 def load_run(folder: str | os.PathLike) -> RunResult:
     """Read a finished (or diverged) run folder without training.
 
+    The metrics are those of ``result.json`` (a ``metrics.jsonl`` that disagrees is reported
+    with a warning).
+
     Raises:
         FileNotFoundError: the folder has no ``result.json`` (it never finished).
+        labkit.store.DamagedFileError (a ValueError): its ``result.json`` is damaged.
     """
     folder = Path(folder)
     res = folder / "result.json"
@@ -330,11 +335,12 @@ def load_run(folder: str | os.PathLike) -> RunResult:
             f"{res} does not exist: the run in {folder} has not finished "
             "(call labkit.train on its config to start or resume it)"
         )
-    stored = json.loads(res.read_text())
+    status, metrics = store.run_state(folder)
+    stored = store.read_result(folder) or {}
     return RunResult(
-        status=stored["status"],
-        config=stored["config"],
-        metrics=store.read_jsonl(folder / store.METRICS_FILE),
+        status=status,
+        config=stored.get("config") or json.loads((folder / store.CONFIG_FILE).read_text()),
+        metrics=metrics,
         out=str(folder),
         loaded=True,
     )
@@ -399,10 +405,7 @@ def prepare_data(config: TrainConfig, device: torch.device) -> lk_data.CifarData
     root = Path(config.data_root) if config.data_root else lk_data.default_data_root()
     if config.profile == "smoke":
         root = root / SMOKE_FOLDER
-        name = "cifar-10-batches-py" if config.dataset == "cifar10" else "cifar-100-python"
-        folder = root / name
-        if not folder.exists():
-            lk_data.make_fake_cifar(root, name=config.dataset, seed=0, **SMOKE_SIZES)
+        lk_data.ensure_fake_cifar(root, name=config.dataset, seed=0, **SMOKE_SIZES)
     return lk_data.load_cifar(config.dataset, root=root, device=device, download=config.download)
 
 
@@ -477,8 +480,24 @@ def train(
     Raises:
         ValueError: invalid config, or a folder that holds a different run.
         FileNotFoundError / labkit.data.DatasetError: the data set is missing or corrupt.
+        labkit.store.FolderBusyError: another process is writing into ``out``.
     """
     cfg = config.resolved()
+    if not cfg.out:
+        return _train(cfg, callbacks, progress, data)
+    with store.writing(cfg.out, "a run"):
+        # Left by a writer killed while it replaced a file; no other writer is here now.
+        store.clean_temporary_files(cfg.out)
+        return _train(cfg, callbacks, progress, data)
+
+
+def _train(
+    cfg: TrainConfig,
+    callbacks: Sequence[Callback],
+    progress: bool,
+    data: lk_data.CifarData | None,
+) -> RunResult:
+    """:func:`train` of a resolved config, holding the folder's writer lock."""
     out = Path(cfg.out) if cfg.out else None
     if out is not None:
         stored = _check_folder(out, cfg)
@@ -544,7 +563,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         ckpt_path = out / "checkpoint.pt"
         if ckpt_path.exists():
-            ckpt = _load_checkpoint(ckpt_path)
+            ckpt = load_checkpoint(ckpt_path)
+            _check_precision(out, ckpt, amp_dtype, device)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             _set_rng_state(ckpt["rng"], gen, device)
@@ -652,12 +672,7 @@ def train(
                 "grad_norm": gn / steps if cfg.track_grad_norm else None,
                 "time": time.perf_counter() - t0,
             }
-            diverged = not math.isfinite(row["train_loss"])
-            if diverged:
-                # JSON has no NaN; record what happened explicitly.
-                row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                       for k, v in row.items()}
-                row["diverged"] = True
+            diverged = _nonfinite_to_none(row)
             metrics.append(row)
             if out is not None:
                 if log_norms:  # before the checkpoint, so the log never falls behind it
@@ -675,6 +690,7 @@ def train(
                         "next_epoch": epoch + 1,
                         "lr": state.lr,
                         "batch_size": b,
+                        "autocast": _dtype_name(amp_dtype),
                     },
                 )
                 store.append_jsonl(out / store.METRICS_FILE, row)
@@ -710,12 +726,57 @@ def train(
     return result
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def _nonfinite_to_none(row: dict[str, Any]) -> bool:
+    """Replace the NaN and infinite values of an epoch's metrics by None (JSON has neither) and
+    mark the row ``diverged``; True when there was any. A finite training loss with a NaN test
+    loss or gradient norm is a diverged run as well."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    for k in bad:
+        row[k] = None
+    if bad:
+        row["diverged"] = True
+    return bool(bad)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _check_precision(out: Path, ckpt: dict[str, Any], amp_dtype: torch.dtype | None,
+                     device: torch.device) -> None:
+    """Warn when a run trained so far in one arithmetic resumes in another (precision "auto"
+    is bf16 on CUDA and fp32 on the CPU, so moving a run between machines changes it)."""
+    before, now = ckpt.get("autocast"), _dtype_name(amp_dtype)
+    if before is not None and before != now:
+        import warnings
+
+        warnings.warn(
+            f"{out} was trained in {before} for {len(ckpt.get('metrics', []))} epoch(s) and "
+            f"resumes in {now} (on {device.type}): its later epochs are not those of an "
+            f"uninterrupted run; pass precision {before!r} (--precision) to keep it",
+            UserWarning, stacklevel=3)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A run's ``checkpoint.pt``, read with ``weights_only=True`` (no code a file holds runs).
+
+    Raises:
+        ValueError: the file is not a readable labkit checkpoint (the message names it).
+    """
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign file's pickle protocol
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file must not be a bare unpickling traceback
+        # torch's own message advises retrying with weights_only=False, which would run any
+        # code a foreign file holds: keep only its first line, without that advice.
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in why or "Weights only load failed" in why:
+            why = "not a checkpoint of labkit's (or a damaged one)"
         raise ValueError(
-            f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); "
+            f"cannot read the checkpoint {path} ({type(e).__name__}: {why}); "
             "delete it to restart the run from scratch"
         ) from e
 
@@ -736,10 +797,14 @@ def _check_folder(out: Path, cfg: TrainConfig) -> RunResult | None:
         raise ValueError(f"{cfg_path} is not a valid labkit run config: {e}") from e
     identity = cfg.identity()
     if stored_identity != identity:
-        diff = sorted(k for k in identity if identity[k] != stored_identity.get(k))
+        stored_full = stored_cfg.resolved().to_dict()
+        diff = sorted(k for k in {**identity, **stored_identity}
+                      if identity.get(k) != stored_identity.get(k))
+        what = ", ".join(f"{k} {stored_full.get(k)!r} there, {cfg.to_dict().get(k)!r} here"
+                         for k in diff)
         raise ValueError(
-            f"{out} holds a different run (fields that differ: {', '.join(diff)}); "
-            "choose another --out folder or delete this one"
+            f"{out} holds a different run ({what}); to resume it give the values it was "
+            "started with, else choose another --out folder or delete this one"
         )
     if (out / "result.json").exists():
         return load_run(out)

@@ -965,13 +965,13 @@ class ExperimentPanel(ControlPanel):
         elapsed = time.monotonic() - self._t0
         c = result.counts()
         summary = [f"{counts['trained']} trained", f"{counts['loaded']} loaded from disk"]
-        for status in ("diverged", "failed", "stopped", "pending"):
+        for status in ("diverged", "failed", "damaged", "stopped", "pending"):
             if c.get(status):
                 summary.append(f"{c[status]} {status}")
         where = html.escape(str(self._plan_out))
         if result.stopped:
             head = "<b>stopped</b>: press Run (or run the cell again) to resume"
-        elif c.get("failed"):
+        elif c.get("failed") or c.get("damaged"):
             head = "<b style='color:#a94442'>finished with failures</b>"
             errors = [f"{p.config.optimizer}: {p.error}" for p in result.points if p.error]
             self._show_messages(errors)

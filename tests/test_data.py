@@ -1,8 +1,12 @@
 """Tests for labkit.data: generated CIFAR files, the reader, the cache, batching, augmentation."""
 
+import multiprocessing
 import os
 import pickle
 import re
+import shutil
+import signal
+import time
 import urllib.error
 
 import numpy as np
@@ -32,6 +36,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 CIFAR10_FILES = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
 CIFAR100_FILES = {"train", "test", "meta"}
+# make_fake_cifar writes its completion marker last, beside the official files.
+GENERATED = {D.GENERATED_MARKER}
 
 # The fine -> coarse label map of the real CIFAR-100 files (fine labels 0..99 in file order),
 # written out independently of labkit's superclass table.
@@ -70,7 +76,7 @@ def write_py3_pickle(path, obj):
 def test_fake_cifar10_layout_keys_and_dtypes(tmp_path):
     folder = make_fake_cifar(tmp_path, "cifar10", n_train=13, n_test=7, seed=1)
     assert folder == tmp_path / "cifar-10-batches-py"
-    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES | GENERATED
     sizes = []
     for i in range(1, 6):
         entry = unpickle(folder / f"data_batch_{i}")
@@ -94,7 +100,7 @@ def test_fake_cifar10_layout_keys_and_dtypes(tmp_path):
 def test_fake_cifar100_layout_keys_and_coarse_labels(tmp_path):
     folder = make_fake_cifar(tmp_path, "cifar100", n_train=300, n_test=200, seed=2)
     assert folder == tmp_path / "cifar-100-python"
-    assert {p.name for p in folder.iterdir()} == CIFAR100_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR100_FILES | GENERATED
     for split, n in (("train", 300), ("test", 200)):
         entry = unpickle(folder / split)
         assert set(entry) == {
@@ -411,7 +417,7 @@ def test_read_only_folder_skips_the_cache_silently(tmp_path, monkeypatch):
     monkeypatch.setattr(D.tempfile, "mkstemp", refuse)
     data = load_cifar("cifar10", tmp_path)
     assert len(data.train_y) == 20
-    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES | GENERATED
 
 
 def test_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -422,7 +428,7 @@ def test_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D.os, "replace", disk_full)
     load_cifar("cifar10", tmp_path)
-    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES | GENERATED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,3 +911,78 @@ def test_is_generated_tells_labkits_files_from_others(tmp_path):
     entry[b"batch_label"] = b"testing batch 1 of 1"  # what the official file says
     test_batch.write_bytes(pickle.dumps(entry))
     assert not is_generated(tmp_path, "cifar10")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating the smoke data: atomic, locked, and repaired after a killed first run
+
+
+def test_a_half_written_generated_folder_is_detected_and_written_again(tmp_path):
+    folder = make_fake_cifar(tmp_path, "cifar10", n_train=40, n_test=10)
+    whole = {f: (folder / f).read_bytes() for f in CIFAR10_FILES}
+    # What labkit before the marker left when killed: a truncated data_batch_2 and no test file.
+    (folder / D.GENERATED_MARKER).unlink()
+    (folder / "data_batch_2").write_bytes(whole["data_batch_2"][:100])
+    (folder / "test_batch").unlink()
+    assert D.ensure_fake_cifar(tmp_path, "cifar10", n_train=40, n_test=10) == folder
+    assert {f: (folder / f).read_bytes() for f in CIFAR10_FILES} == whole
+    # A marked folder whose file has another size than recorded is not whole either.
+    (folder / "data_batch_3").write_bytes(whole["data_batch_3"] + b"\0")
+    D.ensure_fake_cifar(tmp_path, "cifar10", n_train=40, n_test=10)
+    assert (folder / "data_batch_3").read_bytes() == whole["data_batch_3"]
+    assert len(load_cifar("cifar10", tmp_path).train_y) == 40
+
+
+def test_a_whole_folder_is_kept_whatever_its_size(tmp_path):
+    folder = make_fake_cifar(tmp_path, "cifar100", n_train=30, n_test=10)
+    (folder / D.GENERATED_MARKER).unlink()  # written before the marker existed, but whole
+    stamp = (folder / "train").stat().st_mtime_ns
+    D.ensure_fake_cifar(tmp_path, "cifar100", n_train=512, n_test=256)
+    assert (folder / "train").stat().st_mtime_ns == stamp
+    assert len(load_cifar("cifar100", tmp_path).train_y) == 30
+
+
+def test_leftovers_of_a_killed_generator_are_removed(tmp_path):
+    stale = tmp_path / ".cifar-10-batches-py.abc.tmp"
+    stale.mkdir()
+    (stale / "data_batch_1").write_bytes(b"half")
+    D.ensure_fake_cifar(tmp_path, "cifar10", n_train=20, n_test=10)
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "cifar-10-batches-py"]
+
+
+def _generate(root, n_train, started=None):
+    # Runs in a forked child: numpy and pickle only, nothing of torch's thread pools.
+    if started is not None:
+        started.set()
+    D.ensure_fake_cifar(root, "cifar10", n_train=n_train, n_test=64)
+
+
+def test_several_first_runs_at_once_all_get_the_whole_data_set(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_generate, args=(tmp_path, 3000)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(load_cifar("cifar10", tmp_path, cache=False).train_y) == 3000
+
+
+def test_a_generator_killed_at_any_moment_leaves_no_half_written_folder(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    ctx = multiprocessing.get_context("fork")
+    for delay in (0.0, 0.05, 0.2):
+        started = ctx.Event()
+        proc = ctx.Process(target=_generate, args=(tmp_path, 5000, started))
+        proc.start()
+        started.wait(30)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        # Either nothing is in place yet, or the whole data set is.
+        assert not folder.exists() or D.GENERATED_MARKER in {p.name for p in folder.iterdir()}
+        D.ensure_fake_cifar(tmp_path, "cifar10", n_train=5000, n_test=64)
+        assert len(load_cifar("cifar10", tmp_path, cache=False).train_y) == 5000
+        shutil.rmtree(folder)

@@ -322,6 +322,8 @@ class RayExecutor:
         # Finished points are loaded here, as the local loop does; nothing runs for them.
         todo = []
         for point in sweep.points:
+            if point.status == "damaged":  # reported by run_sweep; never run
+                continue
             if point.status in ("finished", "diverged"):
                 done(point, run_point(point.config))
             else:

@@ -25,6 +25,7 @@ from typing import Any
 from labkit.store import (
     INDEX_FILE,
     RUNS_FOLDER,
+    DamagedFileError,
     atomic_write_json,
     read_index,
     read_jsonl,
@@ -107,8 +108,12 @@ def _entries(folder: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
             identity = cfg.identity()
         except (ValueError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{run / 'config.json'} is not a valid labkit run config: {e}") from e
-        status, metrics = run_state(run)
-        entry = {"order": order, "config": identity, "status": status, "error": None,
+        try:
+            status, metrics = run_state(run)
+            error = None
+        except DamagedFileError as e:  # listed with what to do; the other runs go on
+            status, metrics, error = "damaged", read_jsonl(run / "metrics.jsonl"), str(e)
+        entry = {"order": order, "config": identity, "status": status, "error": error,
                  "folder": os.path.relpath(run, base)}
         entry.update(summarize_metrics(metrics))
         out.append((run.name, entry))
@@ -209,6 +214,17 @@ def load_results(folder: str | os.PathLike):
     return _frame(rows, cols)
 
 
+def _run_metrics(folder: Path) -> list[dict[str, Any]]:
+    """A run's epochs: ``result.json``'s for an ended run (the authority), else those of
+    ``metrics.jsonl``; a damaged ``result.json`` falls back to the log (the index and
+    :func:`load_results` report it)."""
+    try:
+        status, metrics = run_state(folder)
+    except DamagedFileError:
+        return read_jsonl(folder / "metrics.jsonl")
+    return metrics if status in ("finished", "diverged") else read_jsonl(folder / "metrics.jsonl")
+
+
 def load_history(folder: str | os.PathLike):
     """One row per (run, finished epoch) of a sweep folder, as a ``pandas.DataFrame``.
 
@@ -223,7 +239,7 @@ def load_history(folder: str | os.PathLike):
         else folder.parent
     rows = []
     for (_, e), cfg_row in zip(entries, cfg_rows, strict=True):
-        for m in read_jsonl(base / e["folder"] / "metrics.jsonl"):
+        for m in _run_metrics(base / e["folder"]):
             row = dict(cfg_row)
             row.update({k: m.get(k) for k in HISTORY_COLUMNS})
             row["epoch_lr"] = m.get("lr")
@@ -351,13 +367,16 @@ def final_model(folder: Path, cfg: TrainConfig, num_classes: int, device: Any) -
 
     ``folder`` is a run folder holding ``checkpoint.pt``; ``cfg`` its resolved config.
     """
-    import torch
-
     from labkit import models as lk_models
+    from labkit.train import load_checkpoint
 
     model = lk_models.build_model(cfg.model, num_classes)
-    ckpt = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint(folder / "checkpoint.pt")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{folder / 'checkpoint.pt'} holds no {cfg.model} model of this run "
+                         f"({type(e).__name__}); train the run again to write it") from None
     return model.to(device)
 
 

@@ -498,7 +498,7 @@ def measure_sfo(
             f"skip_epochs={skip_epochs} leaves no epoch to test in runs of {base.epochs} "
             f"epochs; use skip_epochs < {base.epochs} (lab 3's smoke profile skips "
             f"{SKIP_EPOCHS['smoke']}) or more epochs")
-    out = Path(out)
+    out = store.check_folder(out, "a measurement")
     if (out / _OLD_MEASUREMENT_FILE).exists():
         raise ValueError(
             f"{out} holds a measurement of labkit 0.2 (its results are in {out}/sfo-b<b>.json), "

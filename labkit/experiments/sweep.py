@@ -39,8 +39,13 @@ and keeps ``<out>/index.json`` (hash -> config identity, status and summary metr
 atomically whenever a point starts or ends, so :func:`labkit.experiments.load_results` can read
 it while the sweep runs. Statuses: ``pending`` (nothing on disk), ``running``, ``stopped``
 (epochs on disk, resumable), ``finished``, ``diverged`` (a non-finite loss; recorded, the sweep
-goes on) and ``failed`` (an exception inside training; recorded with its message, retried on
-the next call).
+goes on), ``failed`` (an exception inside training; recorded with its message, retried on
+the next call) and ``damaged`` (its ``result.json`` cannot be read; the error says what to do
+and the sweep goes on without it).
+
+A grid of more than :data:`MAX_POINTS` points is refused before it is expanded (``max_points``
+raises the limit). One process at a time writes into a sweep folder
+(:func:`labkit.store.writing`); a second one stops with :class:`labkit.store.FolderBusyError`.
 
 Who trains the points is the *executor*'s business (``run_sweep(..., executor=...)``): by
 default :func:`local_executor`, one point after another in this process;
@@ -56,7 +61,6 @@ import itertools
 import math
 import os
 import re
-import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +70,7 @@ from typing import Any
 from labkit import data as lk_data
 from labkit import optim as lk_optim
 from labkit import schedules as lk_schedules
+from labkit import store
 from labkit.experiments.results import load_results
 from labkit.store import INDEX_FILE, RUNS_FOLDER, SweepIndex, run_state, summarize_metrics
 from labkit.train import (
@@ -83,6 +88,7 @@ from labkit.train import (
 
 __all__ = [
     "INDEX_FILE",
+    "MAX_POINTS",
     "RUNS_FOLDER",
     "STATUSES",
     "Executor",
@@ -102,8 +108,10 @@ __all__ = [
     "train_set_size",
 ]
 
-STATUSES = ("pending", "running", "stopped", "finished", "diverged", "failed")
+STATUSES = ("pending", "running", "stopped", "finished", "diverged", "failed", "damaged")
 SPEC_KEYS = ("base", "grid", "zip")
+#: The largest grid (points before de-duplication) a sweep expands unless told otherwise.
+MAX_POINTS = 10_000
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # Chosen by the sweep, not by the spec.
@@ -338,13 +346,18 @@ class Grid:
             d["hparams"][ax.name] = value
         return TrainConfig(**d)
 
-    def configs(self) -> list[TrainConfig]:
+    def configs(self, max_points: int | None = MAX_POINTS) -> list[TrainConfig]:
         """Every point's resolved config, validated, without duplicates, in product order.
 
         Raises:
             GridError: a point has an invalid value (the message names the point and the
-                field, and the spec line when the spec came from :func:`load_spec`).
+                field, and the spec line when the spec came from :func:`load_spec`), or the
+                grid has more than ``max_points`` points (None: no limit).
         """
+        try:
+            check_grid_size(self, max_points)
+        except GridError as e:
+            raise _located(e, self.lines, self.source) from None
         points = self.points()
         configs: list[TrainConfig] = []
         hashes: set[str] = set()
@@ -362,6 +375,25 @@ class Grid:
                 hashes.add(h)
                 configs.append(cfg)
         return configs
+
+
+def check_grid_size(grid: Grid, max_points: int | None = MAX_POINTS) -> int:
+    """The number of points of ``grid`` (counted from its axis lengths, nothing expanded).
+
+    Raises:
+        GridError: more than ``max_points`` (None: no limit).
+    """
+    if max_points is not None and (isinstance(max_points, bool)
+                                   or not isinstance(max_points, int) or max_points < 1):
+        raise ValueError(f"max_points must be None or an integer >= 1; got {max_points!r}")
+    n = len(grid)
+    if max_points is not None and n > max_points:
+        sizes = [len(v) for _, v in grid.axes] + [len(g[0][1]) for g in grid.zips]
+        raise GridError(
+            f"the grid has {n:,} points ({' x '.join(map(str, sizes))}), more than the limit "
+            f"of {max_points:,}: shrink an axis, or raise the limit (labkit sweep --max-points "
+            f"N; max_points=N in Python)", ("grid",))
+    return n
 
 
 def _classify(key: str, optimizers: set[str], loc: tuple[str, ...]) -> _Axis:
@@ -424,15 +456,17 @@ def _located(err: GridError, lines: Mapping[tuple, int], source: str | None) -> 
     return GridError(f"{where}: {err}", err.key)
 
 
-def expand_grid(spec: Mapping[str, Any] | Grid) -> list[TrainConfig]:
+def expand_grid(spec: Mapping[str, Any] | Grid,
+                max_points: int | None = MAX_POINTS) -> list[TrainConfig]:
     """The resolved, validated, de-duplicated configs of a grid spec (see the module docstring).
 
     Raises:
-        GridError (a ValueError): an unknown key, an empty grid or axis, unequal zip lengths, or
-            a point whose config :meth:`TrainConfig.resolved` rejects.
+        GridError (a ValueError): an unknown key, an empty grid or axis, unequal zip lengths, a
+            point whose config :meth:`TrainConfig.resolved` rejects, or more than
+            ``max_points`` points (counted before anything is expanded; None: no limit).
     """
     grid = spec if isinstance(spec, Grid) else Grid.from_spec(spec)
-    return grid.configs()
+    return grid.configs(max_points)
 
 
 # --------------------------------------------------------------------------- YAML
@@ -634,9 +668,9 @@ class SweepResult:
         return load_results(self.out)
 
 
-def _as_configs(spec_or_configs: Any) -> list[TrainConfig]:
+def _as_configs(spec_or_configs: Any, max_points: int | None = MAX_POINTS) -> list[TrainConfig]:
     if isinstance(spec_or_configs, (Mapping, Grid)):
-        return expand_grid(spec_or_configs)
+        return expand_grid(spec_or_configs, max_points)
     if isinstance(spec_or_configs, TrainConfig):
         spec_or_configs = [spec_or_configs]
     if not isinstance(spec_or_configs, Iterable) or isinstance(spec_or_configs, (str, bytes)):
@@ -647,6 +681,9 @@ def _as_configs(spec_or_configs: Any) -> list[TrainConfig]:
     items = list(spec_or_configs)
     if not items:
         raise GridError("the list of configs is empty; give at least one TrainConfig")
+    if max_points is not None and len(items) > max_points:
+        raise GridError(f"{len(items):,} configs, more than the limit of {max_points:,}; pass "
+                        "max_points=N to raise it")
     configs, hashes = [], set()
     for i, cfg in enumerate(items):
         if not isinstance(cfg, TrainConfig):
@@ -697,12 +734,19 @@ def _stop_predicate(stop_event: Any) -> Callable[[], bool]:
     )
 
 
-_ACTIVE: set[str] = set()
-_ACTIVE_LOCK = threading.Lock()
+def _state(folder: Path) -> tuple[str, list[dict[str, Any]], str | None]:
+    """(status, metrics, error) of a point's run folder; ``damaged`` when its result.json
+    cannot be read (the error names the file and what to do)."""
+    try:
+        status, metrics = run_state(folder)
+    except store.DamagedFileError as e:
+        return "damaged", store.read_jsonl(folder / store.METRICS_FILE), str(e)
+    return status, metrics, None
 
 
 def plan_sweep(
-    spec_or_configs: Any, out: str | os.PathLike, *, check_data: bool = False
+    spec_or_configs: Any, out: str | os.PathLike, *, check_data: bool = False,
+    max_points: int | None = MAX_POINTS,
 ) -> list[PointResult]:
     """The points of a sweep and their status on disk, without training anything.
 
@@ -714,8 +758,8 @@ def plan_sweep(
             than the training set.
         FileNotFoundError / labkit.data.DatasetError: with ``check_data``, a missing data set.
     """
-    out = Path(out)
-    configs = _as_configs(spec_or_configs)
+    out = store.check_folder(out, "a sweep")
+    configs = _as_configs(spec_or_configs, max_points)
     if check_data:
         sizes: dict[tuple, int] = {}
         for cfg in configs:
@@ -728,8 +772,7 @@ def plan_sweep(
     for i, cfg in enumerate(configs):
         h = config_hash(cfg)
         folder = out / RUNS_FOLDER / h
-        status, _ = run_state(folder)
-        error = None
+        status, _, error = _state(folder)
         if index is not None and status in ("pending", "stopped"):
             stored = index.points.get(h, {})
             if stored.get("status") == "failed":
@@ -748,6 +791,7 @@ def run_sweep(
     stop_event: Any = None,
     on_run_end: Callable[[PointResult], None] | None = None,
     executor: Executor | None = None,
+    max_points: int | None = MAX_POINTS,
 ) -> SweepResult:
     """Run every point of a grid, skipping finished ones and resuming interrupted ones.
 
@@ -766,12 +810,13 @@ def run_sweep(
             optimizer step; the running point stops at once with its last finished epoch on
             disk, and the next call resumes it. A notebook's Stop button sets the event.
         on_run_end: called with each :class:`PointResult` as soon as the point is done
-            (trained, loaded, stopped, diverged or failed).
+            (trained, loaded, stopped, diverged, failed or damaged).
         executor: what runs the points: None (the default, :func:`local_executor`) trains
             them one after another in this process; a
             :class:`labkit.experiments.ray_executor.RayExecutor` runs each one as a task on a
             Ray cluster (``callbacks`` then see only the points trained here, none). Either
             way this process alone writes ``index.json``.
+        max_points: refuse a grid of more points than this (None: no limit).
 
     Returns:
         A :class:`SweepResult`; ``stopped`` is True when the stop request ended the sweep.
@@ -779,7 +824,8 @@ def run_sweep(
     Raises:
         GridError: a bad spec or a batch size larger than the training set (before any run).
         FileNotFoundError / labkit.data.DatasetError: a data set is missing.
-        RuntimeError: another sweep in this process is writing to the same ``out``.
+        labkit.store.FolderBusyError (a RuntimeError): another sweep (in this process or
+            another) is writing into ``out``.
         KeyboardInterrupt: re-raised after the index records the interrupted point as
             ``stopped`` (its folder is resumable).
 
@@ -787,7 +833,7 @@ def run_sweep(
     ``failed`` with its message and the sweep goes on; a non-finite loss marks it ``diverged``.
     """
     should_stop = _stop_predicate(stop_event)
-    configs = _as_configs(spec_or_configs)
+    configs = _as_configs(spec_or_configs, max_points)
     out = Path(out)
 
     # Data: loaded once per key; batch sizes checked against every set before training.
@@ -798,17 +844,10 @@ def run_sweep(
             datasets[key] = prepare_data(cfg, resolve_device(cfg.device))
     _check_batch_sizes(configs, {k: int(d.train_y.shape[0]) for k, d in datasets.items()})
 
-    lock_key = str(out.resolve())
-    with _ACTIVE_LOCK:
-        if lock_key in _ACTIVE:
-            raise RuntimeError(f"a sweep is already running into {out} in this process")
-        _ACTIVE.add(lock_key)
-    try:
+    with store.writing(out, "a sweep"):
+        store.clean_temporary_files(out)
         return _run(configs, out, datasets, callbacks, progress, should_stop, on_run_end,
                     executor or local_executor)
-    finally:
-        with _ACTIVE_LOCK:
-            _ACTIVE.discard(lock_key)
 
 
 def _run(
@@ -829,8 +868,7 @@ def _run(
     for i, cfg in enumerate(configs):
         h = config_hash(cfg)
         folder = out / RUNS_FOLDER / h
-        status, metrics = run_state(folder)
-        error = None
+        status, metrics, error = _state(folder)
         old = previous.get(h, {})
         if status in ("pending", "stopped") and old.get("status") == "failed":
             status, error = "failed", old.get("error")
@@ -851,6 +889,9 @@ def _run(
 
         sweep.bar = tqdm(total=len(points), desc="sweep", unit="run")
     try:
+        for point in points:  # reported here; no executor runs a damaged point
+            if point.status == "damaged":
+                sweep.skipped(point)
         stopped = executor(sweep)
     finally:
         if sweep.bar is not None:
@@ -927,7 +968,7 @@ class SweepRun:
 
     def _save(self, point: PointResult, status: str, error: str | None = None) -> None:
         self.index.set(point.hash, point.index, point.config.identity(), status,
-                       run_state(Path(point.folder))[1], error)
+                       _state(Path(point.folder))[1], error)
         self.index.save()
 
     def _postfix(self, last: str | None = None) -> None:
@@ -962,12 +1003,20 @@ class SweepRun:
         if self.on_run_end is not None:
             self.on_run_end(point)
 
+    def skipped(self, point: PointResult) -> None:
+        """The point is not run (a damaged ``result.json``): counted and reported as done."""
+        if self.bar is not None:
+            self.bar.update(1)
+        self._postfix(point.status)
+        if self.on_run_end is not None:
+            self.on_run_end(point)
+
     def interrupted(self, point: PointResult) -> None:
         """The point was cut short (Ctrl-C, a cancelled task): its status is what its folder
         holds, ``stopped`` (resumable from its last checkpoint), ``pending`` (no epoch
         finished) or ``finished`` (it ended as it was cut)."""
         self.running.discard(point.hash)
-        point.status = run_state(Path(point.folder))[0]
+        point.status = _state(Path(point.folder))[0]
         self._save(point, point.status)
 
 
@@ -986,6 +1035,8 @@ def local_executor(sweep: SweepRun) -> bool:
         if sweep.should_stop():
             return True
         cfg = point.config
+        if point.status == "damaged":  # reported by run_sweep; the other points go on
+            continue
         if point.status not in ("finished", "diverged"):
             sweep.started(point)
         try:
