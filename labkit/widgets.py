@@ -18,12 +18,16 @@ Profiles: :func:`default_profile` is ``$LABKIT_PROFILE`` when set, else ``"short
 ``"smoke"`` without. ``defaults(profile)`` (optional) gives the knob values of each profile; they
 are applied when the panel is built and whenever the profile selector changes.
 
-Running from a cell vs pressing Run. ``panel.run()`` runs synchronously and returns the
-task's result, so "Run All", nbval and papermill work without anyone touching a widget; press
-the kernel's interrupt to stop it (a sweep resumes on the next run). Pressing Run in a live
-notebook runs an :class:`ExperimentPanel` in a background thread, so the notebook stays usable
-and the Stop button works: it stops the sweep after the current optimizer step and leaves a
-resumable state on disk.
+Running from a cell vs pressing Run. A kernel handles one message at a time: while a cell
+runs Python code, the click of a button waits until the cell ends. So the labs' run cell reads
+``result = await panel.run_async()``: the task runs in a worker thread while the cell awaits it,
+and the kernel keeps handling widget messages, so the Stop button works during "Run All" too.
+``panel.run()`` runs the task synchronously and returns its result (scripts, tests; in a
+notebook the Stop button cannot be heard then, interrupt the kernel instead). Pressing Run runs
+the task in a background thread (inside a kernel), so the notebook stays usable. Stop ends a
+sweep after the current optimizer step and leaves a resumable state on disk; a kernel
+interrupt does the same and says so in one line ("interrupted: run again to resume"), without a
+traceback.
 
 Example (a lab's panel cell; see labs/README.md for a whole lab)::
 
@@ -46,7 +50,7 @@ Example (a lab's panel cell; see labs/README.md for a whole lab)::
     )
     panel             # shows the panel
     # next cell:
-    panel.run()       # runs the current knob values, blocking; returns the SweepResult
+    sweep = await panel.run_async()   # runs the knobs; Stop works; returns the SweepResult
 """
 
 from __future__ import annotations
@@ -75,7 +79,9 @@ from labkit.train import PROFILES, Callback, RunResult, RunState, TrainConfig
 __all__ = [
     "PROFILES",
     "ControlPanel",
+    "INTERRUPTED",
     "ExperimentPanel",
+    "Interrupted",
     "LivePlot",
     "check_version",
     "default_label",
@@ -95,6 +101,16 @@ __all__ = [
 _STYLE = {"description_width": "initial"}
 _ERROR_COLOR = "#a94442"
 _WARN_COLOR = "#8a6d3b"
+#: The status line (and the one-line error) after a kernel interrupt during a run.
+INTERRUPTED = "interrupted: run again to resume"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A kernel interrupt during a panel's run. IPython shows it as its one-line message (no
+    traceback: the run stopped cleanly and resumes on the next run)."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython's hook for a custom traceback
+        return [f"\x1b[0;31m{self}\x1b[0m"]
 
 
 # --------------------------------------------------------------------------- profiles, version
@@ -279,7 +295,10 @@ class ControlPanel:
             profile changes.
         profile: the initial profile; None means :func:`default_profile`.
         description: HTML shown under the title.
-        background: run the task in a thread when Run is pressed (``run()`` always blocks).
+        background: run the task in a thread when Run is pressed (``run()`` always blocks);
+            None means "when inside a Jupyter kernel".
+        rerun_on_profile: after a run, changing the profile runs again with the new profile's
+            defaults (all of them applied first).
 
     Attributes:
         widget: the ``ipywidgets.VBox`` that is displayed.
@@ -300,7 +319,8 @@ class ControlPanel:
         defaults: Callable[[str], Mapping[str, Any]] | None = None,
         profile: str | None = None,
         description: str = "",
-        background: bool = False,
+        background: bool | None = None,
+        rerun_on_profile: bool = False,
     ) -> None:
         if not isinstance(title, str) or not title:
             raise ValueError(f"title must be a non-empty string; got {title!r}")
@@ -323,8 +343,13 @@ class ControlPanel:
         self._task = task
         self._validate_fn = validate
         self._defaults = defaults
-        self.background = bool(background)
+        self.background = _in_kernel() if background is None else bool(background)
+        self.rerun_on_profile = bool(rerun_on_profile)
         self.last_result: Any = None
+        self.last_values: dict[str, Any] | None = None
+        self._rerun = False  # a run was requested while one ran (or while knobs were set)
+        self._holding = 0  # > 0 while several knobs change together (a profile's defaults)
+        self._invalid_shown = False
         self.error: str | None = None
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
@@ -356,6 +381,8 @@ class ControlPanel:
         self.run_button.on_click(lambda _: self._on_run_clicked())
         self.stop_button.on_click(lambda _: self.stop())
         self.profile_selector.observe(self._on_profile_change, names="value")
+        for w in self.controls.values():
+            w.observe(self._on_knob_change, names="value")
 
         header = W.HTML(f"<b style='font-size:1.15em'>{html.escape(title)}</b>"
                         + (f"<div>{description}</div>" if description else ""))
@@ -429,16 +456,58 @@ class ControlPanel:
                 raise ValueError(f"control {name!r} cannot take the value {v!r}: {e}") from None
 
     def apply_defaults(self, profile: str | None = None) -> None:
-        """Set the knobs to ``defaults(profile)`` (the selected profile when None)."""
+        """Set the knobs to ``defaults(profile)`` (the selected profile when None). A run that
+        a knob's observer requests meanwhile (:meth:`request_run`) starts once all are set."""
         if self._defaults is None:
             return
         vals = dict(self._defaults(profile or self.profile))
         vals.pop("profile", None)
-        self.set_values(**vals)
+        self._holding += 1
+        try:
+            self.set_values(**vals)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._holding -= 1
+        if not self._holding and self._rerun and not self._running:
+            self._rerun = False
+            self.press_run()
+
+    def request_run(self) -> None:
+        """Run with the current knobs as soon as possible: now when idle, else once the current
+        run ends (several requests meanwhile make one run), and never with half-applied
+        defaults. For observers that rerun on a knob's change (lab 2's δ slider)."""
+        if self._holding or self._running:
+            self._rerun = True
+            return
+        self.press_run()
 
     def _on_profile_change(self, change: dict[str, Any]) -> None:
-        self.apply_defaults(change["new"])
-        self.message.value = ""
+        self._holding += 1
+        try:
+            self.apply_defaults(change["new"])
+            self.message.value = ""
+            self._clear_invalid()
+            if self.rerun_on_profile and self.last_result is not None:
+                self._rerun = True
+        finally:
+            self._release()
+
+    def _clear_invalid(self) -> None:
+        if self._invalid_shown and not self._running:
+            self._invalid_shown = False
+            self.set_status("ready")
+
+    def _on_knob_change(self, _: Any) -> None:
+        """After "not started: invalid settings", check the knobs again as they change: the
+        messages follow, and the status line is cleared once they are valid."""
+        if not self._invalid_shown or self._running or self._holding:
+            return
+        errors = self.validate()
+        self._show_messages(errors)
+        if not errors:
+            self._clear_invalid()
 
     # ----------------------------------------------------------------- validation
 
@@ -519,17 +588,66 @@ class ControlPanel:
         """Validate the knobs (after setting ``values``) and run the task, blocking.
 
         Returns the task's result, or None when the knobs are invalid: then the panel shows
-        why and nothing runs. Errors inside the task are shown in the panel and re-raised.
+        why and nothing runs. Errors inside the task are shown in the panel and re-raised; a
+        kernel interrupt stops the task and raises :class:`Interrupted` (one line). In a
+        notebook prefer ``await`` :meth:`run_async`, during which the Stop button works.
         """
         self.wait()
+        if not self._set_run_values(values):
+            return None
+        return self._execute(raise_errors=True)
+
+    def _set_run_values(self, values: Mapping[str, Any]) -> bool:
         if values:
             try:
                 self.set_values(**values)
             except ValueError as e:
                 self._show_messages([str(e)])
                 self.set_status("not started: invalid settings")
-                return None
-        return self._execute(raise_errors=True)
+                self._invalid_shown = True
+                return False
+        return True
+
+    async def run_async(self, **values: Any) -> Any:
+        """:meth:`run` for a notebook cell: ``result = await panel.run_async()``.
+
+        The task runs in a worker thread while the cell awaits it, so the kernel keeps
+        handling widget messages: the Stop button stops the run, as it does after pressing
+        Run. A kernel interrupt stops it too (after the current optimizer step, resumable) and
+        raises :class:`Interrupted`, shown as the one line "interrupted: run again to resume".
+        Returns what :meth:`run` returns.
+        """
+        import asyncio
+
+        while self._running:  # a run started with the Run button: let it end first
+            await asyncio.sleep(0.05)
+        if not self._set_run_values(values):
+            return None
+        self._claim()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = self._execute(raise_errors=True, claimed=True)
+            except BaseException as e:  # handed to the awaiting cell below
+                outcome["error"] = e
+
+        thread = threading.Thread(target=work, daemon=True, name=f"labkit panel: {self.title}")
+        self._thread = thread
+        thread.start()
+        interrupted = False
+        while thread.is_alive():
+            try:
+                await asyncio.sleep(0.05)
+            except (asyncio.CancelledError, KeyboardInterrupt):  # the kernel's interrupt
+                interrupted = True
+                self.stop()
+        if interrupted:
+            self.set_status(INTERRUPTED)
+            raise Interrupted(INTERRUPTED)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
 
     def press_run(self) -> None:
         """What pressing Run does: validate and run (in a thread if ``background``); errors
@@ -537,7 +655,7 @@ class ControlPanel:
         self._on_run_clicked()
 
     def _on_run_clicked(self) -> None:
-        if self._running:
+        if self._running or self._holding:
             return
         if self.background:
             self._claim()  # here, so that a second click is ignored and Stop works at once
@@ -570,20 +688,24 @@ class ControlPanel:
             if errors:
                 self._show_messages(errors)
                 self.set_status("not started: invalid settings (see below)")
+                self._invalid_shown = True
                 return None
+            self._invalid_shown = False
             if self.stop_requested:
                 self.set_status("stopped before it started")
                 return None
             self._show_messages([], self.warnings(values))
             self.error = None
+            self.last_values = values
             result = self._task(values, self)
-        except BaseException as e:  # KeyboardInterrupt included: the status must say so
+        except KeyboardInterrupt:  # the kernel's interrupt: the run stopped, resumable
+            self.error = INTERRUPTED
+            self.set_status(INTERRUPTED)
+            raise Interrupted(INTERRUPTED) from None
+        except BaseException as e:
             self.error = f"{type(e).__name__}: {e}"
-            if isinstance(e, KeyboardInterrupt):
-                self.set_status("interrupted: run again to resume")
-            else:
-                self.set_status("failed")
-                self._show_messages([self.error])
+            self.set_status("failed")
+            self._show_messages([self.error])
             if raise_errors or not isinstance(e, Exception):
                 raise
             return None
@@ -592,7 +714,10 @@ class ControlPanel:
             self.run_button.disabled = False
             self.stop_button.disabled = True
             self.profile_selector.disabled = False
+            rerun, self._rerun = self._rerun and not self.stop_requested, False
         self.last_result = result
+        if rerun:  # knobs changed during the run (request_run): run them now
+            self.press_run()
         return result
 
 

@@ -465,3 +465,151 @@ def test_importing_labkit_labs_loads_no_lab_module():
             "assert not [m for m in sys.modules if m.startswith('labkit.labs.lab')], sys.modules; "
             "assert callable(labs.lab_setup) and callable(labs.results_dir)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- inside a kernel
+
+_KERNEL_SETUP = """
+import time
+from labkit import widgets
+steps = []
+
+def task(values, panel):
+    # Ends when Stop is pressed, else after 60 s.
+    t0 = time.monotonic()
+    while not panel.stop_requested and time.monotonic() - t0 < 60:
+        steps.append(1)
+        time.sleep(0.01)
+    return "stopped" if panel.stop_requested else "timed out"
+
+panel = widgets.ControlPanel("t", {"n": widgets.int_text("n", 1)}, task, profile="smoke")
+print(panel.stop_button.model_id)
+"""
+
+
+@pytest.fixture
+def kernel():
+    """A live IPython kernel (what JupyterLab talks to) and a client for it."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def _execute(kc, code, timeout=60):
+    """Run ``code``; returns (reply content, stdout text, error outputs)."""
+    msg_id = kc.execute(code)
+    out, errors = [], []
+    while True:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            out.append(content["text"])
+        elif kind == "error":
+            errors.append(content)
+        elif kind == "status" and content["execution_state"] == "idle":
+            break
+    return kc.get_shell_msg(timeout=timeout)["content"], "".join(out), errors
+
+
+def _click(kc, model_id):
+    """What the browser sends when a button is clicked."""
+    msg = kc.session.msg("comm_msg", {"comm_id": model_id,
+                                      "data": {"method": "custom", "content": {"event": "click"}}})
+    kc.shell_channel.send(msg)
+
+
+def test_stop_button_works_while_a_cell_awaits_the_run(kernel):
+    _, kc = kernel
+    reply, out, _ = _execute(kc, _KERNEL_SETUP)
+    assert reply["status"] == "ok", reply
+    stop_id = out.strip()
+    msg_id = kc.execute("r = await panel.run_async()\nprint(r, panel.status_text)")
+    threading.Event().wait(1.0)  # the task runs; the cell is busy awaiting it
+    _click(kc, stop_id)
+    printed = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            printed.append(msg["content"]["text"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    assert "".join(printed).startswith("stopped"), printed
+    reply, out, _ = _execute(kc, "print(len(steps) < 2000, panel.running)")
+    assert out.split() == ["True", "False"]
+
+
+@pytest.mark.parametrize("call", ["await panel.run_async()", "panel.run()"])
+def test_a_kernel_interrupt_is_one_line(kernel, call):
+    km, kc = kernel
+    reply, _, _ = _execute(kc, _KERNEL_SETUP)
+    assert reply["status"] == "ok", reply
+    msg_id = kc.execute(call)
+    threading.Event().wait(1.5)
+    km.interrupt_kernel()
+    errors = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "error":
+            errors.append(msg["content"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    (error,) = errors
+    assert error["ename"] == "Interrupted"
+    assert [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in error["traceback"]] == \
+        ["interrupted: run again to resume"]
+    reply, out, _ = _execute(kc, "print(panel.status_text, '|', panel.running)")
+    assert out.strip() == "interrupted: run again to resume | False"
+
+
+# --------------------------------------------------------------------------- lab 2's panel
+
+
+def test_lab2_reports_progress_and_stops():
+    from labkit.labs import lab2
+
+    panel = lab2.panel(profile="smoke")
+    seen = []
+    panel.status.observe(lambda c: seen.append(c["new"]), names="value")
+    original = panel.set_status
+
+    def stop_after_first_report(text, **kw):
+        original(text, **kw)
+        if text.startswith("computing the paths: "):
+            panel.stop()
+
+    panel.set_status = stop_after_first_report
+    assert panel.run() is None and panel.last_result is None
+    assert "computing the paths: 100/3000 steps (GD)" in seen
+    assert panel.status_text == "stopped: press Run to compute the paths"
+    panel.set_status = original
+    result = panel.run()
+    assert set(result.trajectories) == {"gd", "sgd", "graduated"}
+    assert [len(t.points) for t in result.trajectories.values()] == [1001, 1001, 1001]
+
+
+def test_lab2_profile_change_reruns_once_with_all_defaults():
+    from labkit.labs import lab2
+
+    panel = lab2.panel(profile="smoke")
+    runs = []
+    task = panel._task
+    panel._task = lambda values, p: runs.append(dict(values)) or task(values, p)
+    panel.run()
+    panel.set_values(dist="ball", delta=1.0)  # δ reruns (1 run): the knobs as set
+    assert [r["dist"] for r in runs] == ["gaussian", "ball"]
+    panel.set_values(profile="short")  # one rerun, with every default of the profile
+    assert len(runs) == 3
+    assert {k: runs[-1][k] for k in ("dist", "delta", "n_samples", "profile")} == \
+        {"dist": "gaussian", "delta": 0.4, "n_samples": 256, "profile": "short"}
+    assert panel.last_values == runs[-1]
