@@ -62,6 +62,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -83,7 +84,9 @@ __all__ = [
     "ExperimentPanel",
     "Interrupted",
     "LivePlot",
+    "CURVE_COLORS",
     "check_version",
+    "curve_style",
     "default_label",
     "default_profile",
     "dropdown",
@@ -94,6 +97,7 @@ __all__ = [
     "int_text",
     "multi_select",
     "new_figure",
+    "COLUMN_HEADERS",
     "runs_table_html",
     "text",
 ]
@@ -198,10 +202,25 @@ def check_version(expected: str) -> bool:
 # --------------------------------------------------------------------------- small widgets
 
 
+def _fill(long: bool = False) -> W.Layout:
+    """A knob's layout: as wide as its cell of the panel's grid; ``long`` spans both columns
+    (options too long to read in one)."""
+    layout = W.Layout(width="98%")
+    if long:
+        layout.grid_column = "1 / -1"
+    return layout
+
+
+def _longest_label(options: Sequence[Any]) -> int:
+    return max((len(str(o[0] if isinstance(o, tuple) else o)) for o in options), default=0)
+
+
 def dropdown(description: str, options: Sequence[Any], value: Any = None) -> W.Dropdown:
-    """A labelled dropdown; ``options`` are values or ``(label, value)`` pairs."""
+    """A labelled dropdown; ``options`` are values or ``(label, value)`` pairs. One with long
+    option labels spans the panel's width, so that they are not cut."""
     kw = {"value": value} if value is not None else {}
-    return W.Dropdown(description=description, options=list(options), style=_STYLE, **kw)
+    return W.Dropdown(description=description, options=list(options), style=_STYLE,
+                      layout=_fill(_longest_label(options) + len(description) > 40), **kw)
 
 
 def multi_select(
@@ -211,13 +230,14 @@ def multi_select(
     return W.SelectMultiple(
         description=description, options=list(options), value=tuple(value),
         rows=rows or min(len(options), 7), style=_STYLE,
+        layout=_fill(_longest_label(options) + len(description) > 40),
     )
 
 
 def int_slider(description: str, min: int, max: int, value: int, step: int = 1) -> W.IntSlider:
     """A labelled integer slider."""
     return W.IntSlider(description=description, min=min, max=max, value=value, step=step,
-                       style=_STYLE, continuous_update=False)
+                       style=_STYLE, continuous_update=False, layout=_fill())
 
 
 def float_slider(
@@ -225,22 +245,23 @@ def float_slider(
 ) -> W.FloatSlider:
     """A labelled float slider that reports its value when released."""
     return W.FloatSlider(description=description, min=min, max=max, value=value, step=step,
-                         style=_STYLE, continuous_update=False, readout_format=".2f")
+                         style=_STYLE, continuous_update=False, readout_format=".2f",
+                         layout=_fill())
 
 
 def float_text(description: str, value: float) -> W.FloatText:
     """A labelled number box (accepts 1e-3); validate its value in the panel's ``validate``."""
-    return W.FloatText(description=description, value=value, style=_STYLE)
+    return W.FloatText(description=description, value=value, style=_STYLE, layout=_fill())
 
 
 def int_text(description: str, value: int) -> W.IntText:
     """A labelled integer box; validate its value in the panel's ``validate``."""
-    return W.IntText(description=description, value=value, style=_STYLE)
+    return W.IntText(description=description, value=value, style=_STYLE, layout=_fill())
 
 
 def text(description: str, value: str) -> W.Text:
     """A labelled text box (e.g. a point typed as ``2.2, -1.8``)."""
-    return W.Text(description=description, value=value, style=_STYLE)
+    return W.Text(description=description, value=value, style=_STYLE, layout=_fill())
 
 
 def format_value(value: Any) -> str:
@@ -258,6 +279,20 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(format_value(v) for v in value)
     return str(value)
+
+
+#: Curve colours: 12 distinct ones (matplotlib's tab10, black, dark gold); after 12 curves the
+#: line style and marker change too (:func:`curve_style`), so no two of 48 curves look alike.
+CURVE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#b8860b")
+_LINE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
+def curve_style(i: int) -> dict[str, Any]:
+    """Matplotlib keyword arguments of the ``i``-th curve of a plot (0-based): a colour of
+    :data:`CURVE_COLORS`, then a new line style and marker for every 12 curves."""
+    ls, marker = _LINE_STYLES[(i // len(CURVE_COLORS)) % len(_LINE_STYLES)]
+    return {"color": CURVE_COLORS[i % len(CURVE_COLORS)], "linestyle": ls, "marker": marker}
 
 
 def _figure_png(fig: Any) -> bytes:
@@ -351,6 +386,8 @@ class ControlPanel:
         self._holding = 0  # > 0 while several knobs change together (a profile's defaults)
         self._invalid_shown = False
         self.error: str | None = None
+        self._inputs_record: str | None = None
+        self._inputs_display_id = f"labkit-inputs-{uuid.uuid4().hex}"
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._running = False
@@ -649,6 +686,23 @@ class ControlPanel:
             raise outcome["error"]
         return outcome["result"]
 
+    def record_inputs(self, name: str = "inputs") -> None:
+        """Record (:func:`labkit.record.record`) the knobs of the latest run (the current knobs
+        if nothing ran yet) and keep that output up to date: every later run, from a cell or
+        with the Run button, replaces it with its own knobs."""
+        from labkit.record import record
+
+        self._inputs_record = name
+        record(name, self.last_values if self.last_values is not None else self.values(),
+               display_id=self._inputs_display_id)
+
+    def _update_inputs_record(self) -> None:
+        if self._inputs_record is not None and self.last_values is not None:
+            from labkit.record import record
+
+            record(self._inputs_record, self.last_values, display_id=self._inputs_display_id,
+                   update=True)
+
     def press_run(self) -> None:
         """What pressing Run does: validate and run (in a thread if ``background``); errors
         are shown in the panel, never raised."""
@@ -716,6 +770,7 @@ class ControlPanel:
             self.profile_selector.disabled = False
             rerun, self._rerun = self._rerun and not self.stop_requested, False
         self.last_result = result
+        self._update_inputs_record()
         if rerun:  # knobs changed during the run (request_run): run them now
             self.press_run()
         return result
@@ -793,22 +848,28 @@ class LivePlot(Callback):
             return
         from matplotlib.ticker import MaxNLocator
 
-        fig = new_figure(layout=None)
-        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.14, top=0.9)
+        curves = [(label, points) for label, points in self.series.values() if points]
+        # The legend sits right of the plot, in as many columns as needed for at most 14
+        # rows; the figure widens with it, so the plot keeps its size.
+        ncols = max(1, math.ceil(len(curves) / 14))
+        longest = max((len(label) for label, _ in curves), default=0)
+        legend_width = ncols * (0.6 + 0.062 * longest) if curves else 0.0
+        fig = new_figure((6.4 + legend_width, 3.6 + 0.1 * min(len(curves), 14) / ncols))
         ax = fig.add_subplot()
         scale = 100.0 if self.metric.endswith("_acc") else 1.0
-        for label, points in self.series.values():
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, [y * scale for y in ys], marker="o", markersize=3, label=label)
+        for i, (label, points) in enumerate(curves):
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, [y * scale for y in ys], markersize=3, lw=1.3, label=label,
+                    **curve_style(i))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ylabel = self.metric.replace("_acc", " accuracy (%)").replace("_", " ")
         ax.set_ylabel(ylabel)
         ax.set_title(f"live: {ylabel} per epoch", fontsize="medium")
         ax.grid(True, alpha=0.3)
-        if any(p for _, p in self.series.values()):
-            ax.legend(fontsize="x-small", ncol=2)
+        if curves:
+            fig.legend(loc="outside right upper", fontsize="x-small", ncols=ncols,
+                       frameon=False)
         self.image.value = _figure_png(fig)
         self.image.layout.display = None
         self._last_draw = time.monotonic()
@@ -874,7 +935,10 @@ class ExperimentPanel(ControlPanel):
         table_columns: columns of the runs table (default: status, the config columns that
             vary, epochs done, final and best test accuracy, wall time).
         on_result: ``on_result(panel)`` after each sweep (draw a summary figure with
-            :meth:`show`, say).
+            :meth:`show`, say); :attr:`sweep_status` is the sweep's summary line then.
+        reuse: ``reuse(profile) -> folders``: other sweep folders whose finished runs of the
+            very same config (same :func:`~labkit.train.config_hash`) are copied into this
+            sweep instead of being trained again (lab 4 reuses lab 3's runs).
         callbacks: extra :class:`~labkit.train.Callback` objects for every run.
         background: run in a thread when Run is pressed; None means "when inside a Jupyter
             kernel" (``run()`` always blocks).
@@ -884,6 +948,7 @@ class ExperimentPanel(ControlPanel):
             current run).
         plot: the :class:`LivePlot`; table: an ``ipywidgets.HTML`` with the runs table.
         last_result: the :class:`~labkit.experiments.SweepResult` of the last run.
+        sweep_status: the HTML summary of the last sweep ("done · 12 runs: ...").
     """
 
     def __init__(
@@ -903,6 +968,7 @@ class ExperimentPanel(ControlPanel):
         on_result: Callable[[ExperimentPanel], None] | None = None,
         callbacks: Sequence[Callback] = (),
         background: bool | None = None,
+        reuse: Callable[[str], Sequence[str | os.PathLike]] | None = None,
     ) -> None:
         if not callable(build_grid):
             raise TypeError(
@@ -917,6 +983,8 @@ class ExperimentPanel(ControlPanel):
         self.curve_label = curve_label or default_label
         self.table_columns = list(table_columns) if table_columns is not None else None
         self._on_result = on_result
+        self._reuse = reuse
+        self.sweep_status = ""
         self._callbacks = list(callbacks)
         self._plan: list[Any] | None = None
         self._grid_value: Any = None
@@ -1049,6 +1117,34 @@ class ExperimentPanel(ControlPanel):
         parts.append(f"{elapsed:.0f} s")
         self.set_status("", html_text="<b>running</b> &middot; " + " &middot; ".join(parts))
 
+    def _reuse_runs(self, plan: Sequence[Any]) -> dict[str, str]:
+        """Copy the finished runs of the ``reuse`` folders that this sweep still lacks.
+        Returns hash -> the folder each came from."""
+        import shutil
+
+        from labkit.experiments.sweep import RUNS_FOLDER
+        from labkit.store import run_state
+
+        if self._reuse is None:
+            return {}
+        sources = [Path(f) for f in self._reuse(self.profile)]
+        copied = {}
+        for p in plan:
+            if p.status != "pending" or Path(p.folder).exists():
+                continue
+            for src_sweep in sources:
+                src = src_sweep / RUNS_FOLDER / p.hash
+                if not src.is_dir() or run_state(src)[0] not in ("finished", "diverged"):
+                    continue
+                dst = Path(p.folder)
+                tmp = dst.with_name(dst.name + ".copying")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                tmp.rename(dst)  # atomic: a half-copied run never looks finished
+                copied[p.hash] = str(src_sweep)
+                break
+        return copied
+
     def _run_sweep(self, values: dict[str, Any], panel: ControlPanel) -> Any:
         from labkit.experiments import run_sweep
 
@@ -1061,17 +1157,25 @@ class ExperimentPanel(ControlPanel):
         self.run_progress.value = 0
         self.plot.clear()
         self.table.value = ""
-        counts = {"trained": 0, "loaded": 0}
+        self.sweep_status = ""
+        copied = self._reuse_runs(plan)
+        on_disk = sum(p.status in ("finished", "diverged") for p in plan) + len(copied)
+        self.set_status(f"preparing {len(plan)} runs ({on_disk} on disk): loading the data...")
+        trained: set[str] = set()
 
         def on_run_end(point: Any) -> None:
             self._done += 1
             self.sweep_progress.value = self._done
             if point.result is not None and point.loaded:
-                counts["loaded"] += 1
                 self.plot.add_run(point.hash, point.config, point.result.metrics)
                 self.plot.draw(force=False)
+                self.run_progress.max = max(1, point.config.epochs)
+                self.run_progress.value = len(point.result.metrics)
+                label = html.escape(self.curve_label(point.config))
+                self.set_status("", html_text=f"<b>running</b> &middot; run {self._done}/"
+                                f"{self._n_points} &middot; {label} &middot; loaded from disk")
             elif point.status in ("finished", "diverged"):
-                counts["trained"] += 1
+                trained.add(point.hash)
             self._refresh_table()
 
         result = run_sweep(self._grid_value, self._plan_out, callbacks=[
@@ -1081,7 +1185,14 @@ class ExperimentPanel(ControlPanel):
         self._refresh_table()
         elapsed = time.monotonic() - self._t0
         c = result.counts()
-        summary = [f"{counts['trained']} trained", f"{counts['loaded']} loaded from disk"]
+        # Every run in exactly one group, so that the numbers add up to the sweep's size.
+        n_trained = sum(p.hash in trained and p.status == "finished" for p in result.points)
+        n_loaded = sum(p.hash not in trained and p.status == "finished" for p in result.points)
+        summary = [f"{n_trained} trained", f"{n_loaded} loaded from disk"]
+        n_copied = sum(p.hash in copied and p.status == "finished" for p in result.points)
+        if n_copied:
+            names = sorted({Path(copied[h]).parent.name for h in copied})
+            summary[-1] += f" ({n_copied} of them copied from {', '.join(names)})"
         for status in ("diverged", "failed", "stopped", "pending"):
             if c.get(status):
                 summary.append(f"{c[status]} {status}")
@@ -1094,11 +1205,18 @@ class ExperimentPanel(ControlPanel):
             self._show_messages(errors)
         else:
             head = "<b>done</b>"
-        self.set_status("", html_text=f"{head} &middot; {len(result.points)} runs: "
-                        + ", ".join(summary) + f" &middot; {elapsed:.1f} s &middot; "
-                        f"<code>{where}</code>")
+        n = len(result.points)
+        self.sweep_status = (f"{head} &middot; {n} run{'s' if n != 1 else ''}: "
+                             + ", ".join(summary)
+                             + f" &middot; {elapsed:.1f} s &middot; <code>{where}</code>")
         if self._on_result is not None:
+            working = self.sweep_status + " &middot; analysing the runs..."
+            self.set_status("", html_text=working)
             self._on_result(self)
+            if self.status.value == working:
+                self.set_status("", html_text=self.sweep_status)
+        else:
+            self.set_status("", html_text=self.sweep_status)
         return result
 
     def _refresh_table(self) -> None:
@@ -1112,19 +1230,45 @@ class ExperimentPanel(ControlPanel):
         self.table.value = runs_table_html(df, self.table_columns, labels)
 
 
+#: Readable headers of the runs table's columns (others are shown with ``_`` as spaces).
+COLUMN_HEADERS = {"name": "run", "lr": "lr", "eta": "η", "beta": "β", "beta1": "β₁",
+                  "beta2": "β₂", "batch_size": "batch size", "epochs_completed": "epochs done",
+                  "test_acc": "test acc", "best_test_acc": "best test acc",
+                  "train_acc": "train acc", "wall_time": "time"}
+_FRACTION_COLUMNS = ("eta",)  # powers written as 1/2, 1/3, as the runs' names do
+
+
+def _cell_text(column: str, value: Any) -> str:
+    import pandas as pd
+
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    if column.endswith("_acc"):
+        return f"{100 * float(value):.1f}%"
+    if column == "wall_time":
+        return f"{float(value):.1f} s"
+    if isinstance(value, float) and column in _FRACTION_COLUMNS:
+        frac = Fraction(value).limit_denominator(12)
+        if frac.denominator != 1 and abs(float(frac) - value) < 1e-12:
+            return f"{frac.numerator}/{frac.denominator}"
+    if isinstance(value, float):
+        return format_value(value)
+    return str(value)
+
+
 def runs_table_html(df: Any, columns: Sequence[str] | None = None,
                     labels: Mapping[str, str] | None = None) -> str:
     """The runs table (:func:`labkit.experiments.load_results` rows) as compact HTML.
 
     ``labels`` maps a run's hash (the ``run`` column) to its name, shown in a first column.
     The default columns are the status, the config columns that vary between the runs, the
-    epochs done, the final and best test accuracy and the wall time.
+    epochs done, the final and best test accuracy and the wall time. Headers are readable
+    (:data:`COLUMN_HEADERS`), numbers are right-aligned under right-aligned headers,
+    accuracies in percent, and powers η as fractions (1/2), as the runs' names write them.
 
     Raises:
         ValueError: a column that the table does not have.
     """
-    import pandas as pd
-
     df = df.copy()
     if labels is not None and "run" in df.columns:
         df.insert(0, "name", [labels.get(r, r) for r in df["run"]])
@@ -1139,16 +1283,19 @@ def runs_table_html(df: Any, columns: Sequence[str] | None = None,
             f"table column(s) {', '.join(missing)} are not in the results table; it has "
             f"{', '.join(map(str, df.columns))}"
         )
-    view = df[list(columns)].copy()
-    for c in view.columns:
-        if c.endswith("_acc"):
-            view[c] = [f"{100 * v:.1f}%" if pd.notna(v) else "" for v in view[c]]
-        elif c == "wall_time":
-            view[c] = [f"{v:.1f} s" if pd.notna(v) else "" for v in view[c]]
-        elif view[c].dtype.kind == "f":
-            view[c] = [format_value(float(v)) if pd.notna(v) else "" for v in view[c]]
-    return ("<div style='max-height:320px;overflow:auto'>"
-            + view.to_html(index=False, border=0, classes="labkit-runs") + "</div>")
+    cell = "padding:1px 8px;white-space:nowrap;text-align:"
+    aligns = {c: "right" if df[c].dtype.kind in "iuf" else "left" for c in columns}
+    head = "".join(f"<th style='{cell}{aligns[c]}'>"
+                   f"{html.escape(COLUMN_HEADERS.get(c, c.replace('_', ' ')))}</th>"
+                   for c in columns)
+    rows = []
+    for _, r in df[list(columns)].iterrows():
+        rows.append("<tr>" + "".join(
+            f"<td style='{cell}{aligns[c]}'>{html.escape(_cell_text(c, r[c]))}</td>"
+            for c in columns) + "</tr>")
+    return ("<div style='max-height:320px;overflow:auto'><table class='labkit-runs' "
+            "style='border-collapse:collapse;font-size:0.9em'>"
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _in_kernel() -> bool:

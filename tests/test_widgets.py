@@ -310,6 +310,7 @@ def test_smoke_sweep_runs_reloads_and_shows_its_table(tmp_path):
     second = panel.run()
     assert all(p.loaded for p in second.points)
     assert "0 trained, 2 loaded from disk" in panel.status_text
+    assert panel.run_progress.value == panel.run_progress.max == 1  # not left at 0%
     assert [len(pts) for _, pts in panel.plot.series.values()] == [1, 1]
     assert [p.result.final["test_acc"] for p in second.points] == \
         [p.result.final["test_acc"] for p in first.points]
@@ -392,6 +393,8 @@ def test_run_button_runs_in_the_background_and_stop_button_stops(tmp_path):
     result = panel.last_result
     assert result.stopped and [p.status for p in result.points] == ["stopped", "pending"]
     assert panel.status_text.startswith("stopped")
+    # The numbers add up to the sweep's size.
+    assert "2 runs: 0 trained, 0 loaded from disk, 1 stopped, 1 pending" in panel.status_text
     # Resume in the foreground: the stopped run continues, the pending one starts.
     gate.go.set()
     resumed = panel.run()
@@ -405,7 +408,10 @@ def test_runs_table_html_columns():
                        "eta": [0.5, 4.0], "epochs_completed": [2, 1], "test_acc": [0.5, None],
                        "best_test_acc": [0.6, None], "wall_time": [1.0, 0.5]})
     html = widgets.runs_table_html(df, labels={"a": "Adam η=1/2"})
-    assert "Adam η=1/2" in html and "50.0%" in html and "eta" in html
+    assert "Adam η=1/2" in html and "50.0%" in html and ">η</th>" in html
+    assert ">1/2</td>" in html and ">4</td>" in html  # powers as the names write them
+    assert ">epochs done</th>" in html and "epochs_completed" not in html
+    assert "<th style='padding:1px 8px;white-space:nowrap;text-align:right'>test acc" in html
     assert "optimizer" not in html  # the same for every run: left out
     with pytest.raises(ValueError, match="table column\\(s\\) sharpness are not in the results"):
         widgets.runs_table_html(df, ["status", "sharpness"])
@@ -613,3 +619,62 @@ def test_lab2_profile_change_reruns_once_with_all_defaults():
     assert {k: runs[-1][k] for k in ("dist", "delta", "n_samples", "profile")} == \
         {"dist": "gaussian", "delta": 0.4, "n_samples": 256, "profile": "short"}
     assert panel.last_values == runs[-1]
+
+
+def test_a_stale_invalid_settings_status_clears_when_the_knobs_are_fixed():
+    panel = make_panel([])
+    panel.set_values(lr=0.0)
+    panel.run_button.click()
+    assert panel.status_text.startswith("not started: invalid settings")
+    panel.set_values(lr=-1.0)  # still invalid: the message follows the knob
+    assert "got -1.0" in panel.messages and panel.status_text.startswith("not started")
+    panel.set_values(lr=0.2)
+    assert panel.messages == "" and panel.status_text == "ready"
+    panel.set_values(lr=0.0)
+    panel.run_button.click()
+    panel.set_values(profile="paper")  # a profile's defaults clear it as well
+    assert panel.messages == "" and panel.status_text == "ready"
+
+
+def test_curves_look_different_beyond_ten():
+    styles = [widgets.curve_style(i) for i in range(24)]
+    assert len({s["color"] for s in styles[:12]}) == 12 > 10
+    assert len({tuple(sorted(s.items())) for s in styles}) == 24
+    assert styles[1]["color"] != styles[11]["color"]  # lab 1's 2nd and 12th curve
+
+
+def test_record_inputs_follows_the_latest_run():
+    from labkit.record import recorded
+
+    panel = make_panel([])
+    panel.run()
+    panel.record_inputs()
+    assert recorded()["inputs"]["value"]["lr"] == 0.1
+    panel.set_values(lr=0.3)
+    panel.run_button.click()  # a later Run replaces the record with its own knobs
+    assert recorded()["inputs"]["value"]["lr"] == 0.3
+
+
+def test_lab4_reuses_lab3s_finished_runs(tmp_path):
+    from labkit.labs import lab3, lab4
+
+    knobs = {"optimizers": ("sgd",), "batch_sizes": (64,), "epochs": 2}
+
+    def lab_panel(mod, out, **kw):
+        panel = widgets.ExperimentPanel(
+            mod.LAB_ID, controls=mod.controls(), build_grid=mod.grid, out_dir=out,
+            validate=mod.validate, defaults=mod.defaults, curve_label=mod.label,
+            profile="smoke", background=False, **kw)
+        panel.set_values(**knobs)
+        return panel
+
+    lab3_dir = tmp_path / lab3.LAB_ID / "smoke"
+    lab3_panel = lab_panel(lab3, lab3_dir)
+    assert lab3_panel.run().complete
+    panel = lab_panel(lab4, tmp_path / "lab4", reuse=lambda profile: [lab3_dir])
+    result = panel.run()
+    assert [p.loaded for p in result.points] == [True]  # nothing trained
+    assert "1 run: 0 trained, 1 loaded from disk (1 of them copied from lab3_critical_batch)" \
+        in panel.status_text
+    assert list(panel.results["test_acc"]) == list(lab3_panel.results["test_acc"])
+    assert lab4.reuse("smoke")[0].endswith("lab3_critical_batch/smoke")

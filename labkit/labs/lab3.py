@@ -453,6 +453,6 @@ def on_result(panel: Any) -> None:
     panel.show(figure(runs, values, max_by_optimizer(stats), fig=fig))
     reach = runs[runs["complete"]]["lowest_mean"]
     if len(reach) and np.isfinite(reach).all():
-        panel.set_status("", html_text=panel.status.value + " &middot; every finished run "
+        panel.set_status("", html_text=panel.sweep_status + " &middot; every finished run "
                          f"reaches ε &ge; {float(reach.max()):.3g}")
 
