@@ -388,6 +388,8 @@ class ControlPanel:
         self.error: str | None = None
         self._inputs_record: str | None = None
         self._inputs_display_id = f"labkit-inputs-{uuid.uuid4().hex}"
+        self._results_id = f"labkit-results-{uuid.uuid4().hex}"
+        self._displayed = False
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._running = False
@@ -443,6 +445,53 @@ class ControlPanel:
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
+
+    # A widget shows only while its kernel runs (or from widget state saved in the notebook).
+    # So below the panel, the results of the latest run are also ordinary outputs: each figure
+    # as a PNG and the status line with the runs table as HTML, replaced in place after every
+    # run. A saved notebook then shows them in nbviewer, in the book and to a grader.
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+        for display_id, bundle in self._result_bundles():
+            display(bundle, raw=True, display_id=display_id)
+        self._displayed = True
+
+    def _result_images(self) -> list[Any]:
+        """The image widgets whose pictures are results (the figure area)."""
+        return [self.figure]
+
+    def _result_html(self) -> str:
+        return f"<div>{self.status.value}</div>{self.message.value}"
+
+    def _result_bundles(self) -> list[tuple[str, dict[str, Any]]]:
+        import base64
+
+        out = []
+        for k, image in enumerate(self._result_images()):
+            png = bytes(image.value or b"")
+            bundle: dict[str, Any] = {"text/plain": ""}
+            if png and image.layout.display != "none":
+                bundle = {"image/png": base64.b64encode(png).decode("ascii"),
+                          "text/plain": f"<{self.title}: figure {k + 1}>"}
+            out.append((f"{self._results_id}-{k}", bundle))
+        text = self.status_text
+        out.append((f"{self._results_id}-summary",
+                    {"text/html": self._result_html() if text != "ready" else "",
+                     "text/plain": text if text != "ready" else ""}))
+        return out
+
+    def publish_results(self) -> None:
+        """Replace the panel's result outputs (below the panel, when it was displayed in a
+        notebook) with the current figures, status line and table; done after every run."""
+        if not self._displayed or not _in_kernel():
+            return
+        from IPython.display import update_display
+
+        for display_id, bundle in self._result_bundles():
+            update_display(bundle, raw=True, display_id=display_id)
 
     # ----------------------------------------------------------------- values
 
@@ -769,6 +818,7 @@ class ControlPanel:
             self.stop_button.disabled = True
             self.profile_selector.disabled = False
             rerun, self._rerun = self._rerun and not self.stop_requested, False
+            self.publish_results()
         self.last_result = result
         self._update_inputs_record()
         if rerun:  # knobs changed during the run (request_run): run them now
@@ -1009,6 +1059,12 @@ class ExperimentPanel(ControlPanel):
     def _layout(self) -> list[Any]:
         bars = W.HBox([self.sweep_progress, self.run_progress])
         return [*self._body, bars, self.plot.image, self.table, self.figure]
+
+    def _result_images(self) -> list[Any]:
+        return [self.plot.image, self.figure]
+
+    def _result_html(self) -> str:
+        return super()._result_html() + self.table.value
 
     # ----------------------------------------------------------------- where and what
 

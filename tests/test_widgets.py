@@ -678,3 +678,47 @@ def test_lab4_reuses_lab3s_finished_runs(tmp_path):
         in panel.status_text
     assert list(panel.results["test_acc"]) == list(lab3_panel.results["test_acc"])
     assert lab4.reuse("smoke")[0].endswith("lab3_critical_batch/smoke")
+
+
+def test_results_are_ordinary_outputs_too(kernel):
+    """Below the displayed panel: one output per figure and one with the status line (and the
+    runs table), replaced after every run, so a saved notebook shows them without widgets."""
+    _, kc = kernel
+    setup = """
+from labkit import widgets
+
+def task(values, panel):
+    fig = widgets.new_figure()
+    fig.add_subplot().plot([0, 1], [1, values["n"]])
+    panel.show(fig)
+    panel.set_status(f"drew n = {values['n']}")
+    return values["n"]
+
+panel = widgets.ControlPanel("t", {"n": widgets.int_text("n", 1)}, task, profile="smoke")
+"""
+    assert _execute(kc, setup)[0]["status"] == "ok"
+
+    def outputs(code):
+        msg_id = kc.execute(code)
+        got = []
+        while True:
+            msg = kc.get_iopub_msg(timeout=60)
+            kind = msg["msg_type"]
+            if kind in ("display_data", "update_display_data"):
+                got.append((kind, msg["content"]["transient"].get("display_id", ""),
+                            msg["content"]["data"]))
+            if (kind == "status" and msg["parent_header"].get("msg_id") == msg_id
+                    and msg["content"]["execution_state"] == "idle"):
+                return got
+
+    shown = outputs("panel")
+    assert [k for k, _, _ in shown] == ["display_data"] * 3
+    assert "application/vnd.jupyter.widget-view+json" in shown[0][2]
+    figure_id, summary_id = shown[1][1], shown[2][1]
+    assert figure_id and summary_id and shown[1][2] == {"text/plain": ""}
+    updates = outputs("r = await panel.run_async(n=3)")
+    final = {display_id: data for kind, display_id, data in updates
+             if kind == "update_display_data"}
+    assert final[figure_id]["image/png"].startswith("iVBOR")  # a PNG, base64
+    assert "drew n = 3" in final[summary_id]["text/html"]
+    assert final[summary_id]["text/plain"] == "drew n = 3"
