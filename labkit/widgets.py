@@ -81,6 +81,7 @@ __all__ = [
     "PROFILES",
     "ControlPanel",
     "INTERRUPTED",
+    "STOPPED",
     "ExperimentPanel",
     "Interrupted",
     "LivePlot",
@@ -107,6 +108,8 @@ _ERROR_COLOR = "#a94442"
 _WARN_COLOR = "#8a6d3b"
 #: The status line (and the one-line error) after a kernel interrupt during a run.
 INTERRUPTED = "interrupted: run again to resume"
+#: The one-line error of a run cell whose run the Stop button ended (so "Run All" halts there).
+STOPPED = "stopped with the Stop button: press Run (or run this cell again) to resume"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -414,6 +417,7 @@ class ControlPanel:
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop",
                                     disabled=True)
         self.status = W.HTML(value="ready")
+        self.status.add_class("labkit-status")  # found by the browser test
         self.message = W.HTML(value="")
         self.figure = W.Image(format="png", layout=W.Layout(max_width="100%"))
         self.figure.layout.display = "none"
@@ -701,7 +705,9 @@ class ControlPanel:
         handling widget messages: the Stop button stops the run, as it does after pressing
         Run. A kernel interrupt stops it too (after the current optimizer step, resumable) and
         raises :class:`Interrupted`, shown as the one line "interrupted: run again to resume".
-        Returns what :meth:`run` returns.
+        A run ended by Stop raises it too, with :data:`STOPPED`, so that "Run All" halts at
+        this cell rather than in the next one, on missing results. Returns what :meth:`run`
+        returns.
         """
         import asyncio
 
@@ -733,6 +739,8 @@ class ControlPanel:
             raise Interrupted(INTERRUPTED)
         if "error" in outcome:
             raise outcome["error"]
+        if self.stop_requested:
+            raise Interrupted(STOPPED)
         return outcome["result"]
 
     def record_inputs(self, name: str = "inputs") -> None:
