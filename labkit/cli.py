@@ -7,6 +7,7 @@ Examples::
     labkit train --dataset cifar10 --model resnet44 --optimizer adam --lr 1e-3 \\
         --batch-size 128 --epochs 200 --set eta=3 --out runs/adam-eta3
     labkit sweep grid.yaml --out runs/bs-sweep --dry-run
+    labkit sweep grid.yaml --out /shared/runs/bs-sweep --ray ray://head:10001
     labkit critical --optimizer shb --lr 0.1 --beta 0.9 --eps 0.5 --sfo 512:2.1e6 1024:1.9e6
     labkit critical --results runs/sfo-sweep --eps 0.5
     labkit critical measure --dataset cifar100 --optimizer shb --lr 0.1 --set beta=0.9 \\
@@ -234,6 +235,13 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
     s.add_argument("--dry-run", action="store_true",
                    help="list the points and which are already done; train nothing")
     s.add_argument("--quiet", action="store_true", help="no per-point lines")
+    s.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the points as tasks on a Ray cluster: auto (one started here with "
+                   "ray start), ray://HOST:PORT, HOST:PORT or local (start one for this sweep); "
+                   "DIR must be on a filesystem every node sees (needs labkit[ray])")
+    s.add_argument("--gpus-per-point", type=_float, default=None, metavar="N",
+                   help="with --ray: GPUs each point requests (default: 1 on a cluster with "
+                   "GPUs, else 0); a fraction such as 0.25 runs 4 small points per GPU")
     s.set_defaults(subparser=s)
 
     c = sub.add_parser(
@@ -363,6 +371,10 @@ def _add_grade_parser(sub: Any) -> None:
                    help="with --execute: kernel name (default: the notebook's, else python3)")
     g.add_argument("--save-executed", default=None, metavar="DIR",
                    help="with --execute: keep the executed notebooks in DIR")
+    g.add_argument("--results", default=None, metavar="DIR",
+                   help="with --execute: where the labs train (and reuse) their runs, outside "
+                   "the submissions (default: $LABKIT_RESULTS, else "
+                   "~/.cache/labkit/grading-results); never a folder found in a submission")
     g.add_argument("--source", default=None, metavar="SOURCE.ipynb",
                    help="with --execute: the lab's source version, whose locked cells (with "
                    "the hidden tests nbgrader's release strips) are run (default: LAB when it "
@@ -391,19 +403,23 @@ def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         grade_submissions,
         load_release,
         load_source,
+        results_folder,
         write_feedback,
         write_gradebook,
     )
 
     if not args.execute:
         for flag, value in (("--timeout", args.timeout), ("--kernel", args.kernel),
-                            ("--save-executed", args.save_executed), ("--source", args.source)):
+                            ("--save-executed", args.save_executed), ("--source", args.source),
+                            ("--results", args.results)):
             if value is not None:
                 parser.error(f"{flag} only applies with --execute")
     timeout = 600.0 if args.timeout is None else args.timeout
     try:
         source = None
         if args.execute:
+            runs = results_folder(args.results, args.submissions)
+            print(f"--execute: the labs train their runs in {runs} (shared by all submissions)")
             release = load_release(args.lab)
             source = load_source(args.source, release).path
             print(f"--execute: the locked cells run as in {source}"
@@ -415,6 +431,7 @@ def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             args.submissions, args.lab, args.key, student_from=args.student_from,
             max_bytes=int(args.max_size * 2**20), execute=args.execute, timeout=timeout,
             kernel_name=args.kernel, save_executed=args.save_executed, source=source,
+            results=args.results,
         )
     except FileNotFoundError as e:
         print(f"labkit grade: error: {e}", file=sys.stderr)
@@ -685,9 +702,25 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"[{p.index + 1}/{n}] {p.hash} {what:<9}{extra}  {_point_text(p.config, keys)}",
               flush=True)
 
+    executor = None
+    if args.ray is not None:
+        from labkit.experiments.ray_executor import ClusterError, RayExecutor, import_ray
+
+        try:
+            executor = RayExecutor(args.ray, gpus_per_point=args.gpus_per_point)
+        except ValueError as e:
+            parser.error(f"--ray: {e}")
+        try:
+            import_ray()  # before any data is loaded
+        except ClusterError as e:
+            print(f"labkit sweep: error: {e}", file=sys.stderr)
+            return 1
+    elif args.gpus_per_point is not None:
+        parser.error("--gpus-per-point needs --ray ADDRESS (a local sweep uses this machine's "
+                     "device)")
     try:
         result = run_sweep(configs, args.out, progress=sys.stderr.isatty() and not args.quiet,
-                           on_run_end=report)
+                           on_run_end=report, executor=executor)
     except KeyboardInterrupt:
         print(f"labkit sweep: interrupted; run the same command again to resume ({args.out})",
               file=sys.stderr)
@@ -697,6 +730,9 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return 1
     except ValueError as e:
         parser.error(str(e))
+    except RuntimeError as e:  # a Ray cluster that cannot be used (ClusterError), a busy out
+        print(f"labkit sweep: error: {e}", file=sys.stderr)
+        return 1
     counts = result.counts()
     print(json.dumps({"out": result.out, "points": len(result.points), "counts": counts,
                       "stopped": result.stopped}, sort_keys=True))

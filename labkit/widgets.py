@@ -13,6 +13,9 @@ are explained (never a traceback). Two classes:
   included), runs it with :func:`labkit.experiments.run_sweep` into ``out_dir`` (finished runs
   reload instantly, interrupted ones resume), shows a progress bar over the sweep and one over
   the current run, a plot of every run's curve updated each epoch, and a table of the runs.
+  With ``$LABKIT_RAY_ADDRESS`` set (e.g. ``ray://head:10001``), the sweep's points run as tasks
+  on that Ray cluster (:mod:`labkit.experiments.ray_executor`); each curve then appears when
+  its run ends.
 
 Profiles: :func:`default_profile` is ``$LABKIT_PROFILE`` when set, else ``"short"`` with CUDA and
 ``"smoke"`` without. ``defaults(profile)`` (optional) gives the knob values of each profile; they
@@ -1211,7 +1214,9 @@ class ExperimentPanel(ControlPanel):
 
     def _run_sweep(self, values: dict[str, Any], panel: ControlPanel) -> Any:
         from labkit.experiments import run_sweep
+        from labkit.experiments.ray_executor import executor_from_env
 
+        executor = executor_from_env()  # $LABKIT_RAY_ADDRESS: the points run on a Ray cluster
         plan = self._plan or []
         self._n_points = len(plan)
         self._done = 0
@@ -1240,11 +1245,14 @@ class ExperimentPanel(ControlPanel):
                                 f"{self._n_points} &middot; {label} &middot; loaded from disk")
             elif point.status in ("finished", "diverged"):
                 trained.add(point.hash)
+                if executor is not None and point.result is not None:  # no live curve remotely
+                    self.plot.add_run(point.hash, point.config, point.result.metrics)
+                    self.plot.draw(force=False)
             self._refresh_table()
 
         result = run_sweep(self._grid_value, self._plan_out, callbacks=[
             *self._callbacks, self.plot, _Progress(self)], progress=False,
-            stop_event=self._stop_event, on_run_end=on_run_end)
+            stop_event=self._stop_event, on_run_end=on_run_end, executor=executor)
         self.plot.draw(force=True)
         self._refresh_table()
         elapsed = time.monotonic() - self._t0

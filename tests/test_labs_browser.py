@@ -3,10 +3,12 @@
 check).
 
 JupyterLab serves a temporary copy of lab 2 and of lab 1 (a lab that trains) in the smoke
-profile, with data and results in temporary folders. For each lab the browser runs all cells
-and checks that the panel rendered as widgets (no "Loading widget", no "Error displaying
-widget"), that a plot image is shown, that the results are also ordinary outputs, and that the
-console shows no error. Then it presses the panel's buttons as a student would:
+profile, with data and results in temporary folders: the instructor sources (labs/source), so
+that "Run All" answers every question; the panel is the same in the student versions. For each
+lab the browser runs all cells and checks that the panel rendered as widgets (no "Loading
+widget", no "Error displaying widget"), that a plot image is shown, that the results are also
+ordinary outputs, and that the console shows no error. Then it presses the panel's buttons as
+a student would:
 
 - lab 1: Stop while "Run All" is training (the run cell awaits the panel, so the kernel hears
   the click; Run All halts there with one line), then Run, which resumes and ends with "done";
@@ -81,7 +83,7 @@ def lab_server(tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
     served = root / "labs"
     served.mkdir()
     for name in (LAB1, LAB2):
-        shutil.copy(ROOT / "labs" / name, served / name)
+        shutil.copy(ROOT / "labs" / "source" / name, served / name)  # with the answers
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
                      ("JUPYTERLAB_SETTINGS_DIR", "settings"),

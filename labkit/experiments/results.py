@@ -38,6 +38,7 @@ __all__ = [
     "HISTORY_COLUMNS",
     "RESULT_COLUMNS",
     "add_delta",
+    "final_model",
     "load_history",
     "load_results",
     "measure_gradient_stats",
@@ -51,7 +52,7 @@ GRADIENT_STATS_FILE = "gradient-stats.json"
 #: placed after ``seed``.
 CONFIG_COLUMNS = (
     "optimizer", "lr", "batch_size", "seed", "epochs", "weight_decay", "lr_schedule",
-    "batch_schedule", "dataset", "model", "profile", "precision", "augment", "device",
+    "batch_schedule", "dataset", "model", "profile", "precision", "augment", "rotate", "device",
 )
 #: Summary columns of :func:`load_results` (after the config columns).
 RESULT_COLUMNS = (
@@ -345,8 +346,11 @@ def _store(store: Path, records: list[dict[str, Any]], settings: Mapping[str, An
     atomic_write_json(store, {"records": records})
 
 
-def _final_model(folder: Path, cfg: TrainConfig, num_classes: int, device: Any) -> Any:
-    """The run's model with the weights of its last checkpoint, on ``device``."""
+def final_model(folder: Path, cfg: TrainConfig, num_classes: int, device: Any) -> Any:
+    """The run's model with the weights of its last checkpoint, on ``device``.
+
+    ``folder`` is a run folder holding ``checkpoint.pt``; ``cfg`` its resolved config.
+    """
     import torch
 
     from labkit import models as lk_models
@@ -455,7 +459,7 @@ def measure_sharpness(
     ys = y[idx]
     batches = [(xs[i * bs:(i + 1) * bs], ys[i * bs:(i + 1) * bs]) for i in range(n_batches)]
 
-    model = _final_model(folder, cfg, data.num_classes, dev)
+    model = final_model(folder, cfg, data.num_classes, dev)
     value = float(adaptive_sharpness(model, lambda out, t: F.cross_entropy(out, t), batches,
                                      rho, norm=norm, adaptive=adaptive, n_iters=n_iters))
     _store(store, records, settings, "sharpness", value)
@@ -533,7 +537,7 @@ def measure_gradient_stats(
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=gen)[:n_images].to(data.train_x.device)
     x = lk_data.normalize(data.train_x[idx], data.mean, data.std)
-    model = _final_model(folder, cfg, data.num_classes, dev)
+    model = final_model(folder, cfg, data.num_classes, dev)
     stats = lk_noise.gradient_variance(
         model, lambda out, t: F.cross_entropy(out.float(), t, reduction="none"),
         (x, data.train_y[idx]), chunk_size=chunk_size)

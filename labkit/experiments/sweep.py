@@ -41,6 +41,12 @@ it while the sweep runs. Statuses: ``pending`` (nothing on disk), ``running``, `
 (epochs on disk, resumable), ``finished``, ``diverged`` (a non-finite loss; recorded, the sweep
 goes on) and ``failed`` (an exception inside training; recorded with its message, retried on
 the next call).
+
+Who trains the points is the *executor*'s business (``run_sweep(..., executor=...)``): by
+default :func:`local_executor`, one point after another in this process;
+:class:`labkit.experiments.ray_executor.RayExecutor` runs them as tasks on a Ray cluster. Both
+call :func:`run_point` for each point and report to a :class:`SweepRun`, which keeps
+``index.json``: only the process that called :func:`run_sweep` writes it.
 """
 
 from __future__ import annotations
@@ -79,13 +85,18 @@ __all__ = [
     "INDEX_FILE",
     "RUNS_FOLDER",
     "STATUSES",
+    "Executor",
     "Grid",
     "GridError",
+    "PointOutcome",
     "PointResult",
     "SweepResult",
+    "SweepRun",
     "expand_grid",
     "load_spec",
+    "local_executor",
     "plan_sweep",
+    "run_point",
     "run_sweep",
     "summarize_metrics",
     "train_set_size",
@@ -741,6 +752,7 @@ def run_sweep(
     progress: bool = True,
     stop_event: Any = None,
     on_run_end: Callable[[PointResult], None] | None = None,
+    executor: Executor | None = None,
 ) -> SweepResult:
     """Run every point of a grid, skipping finished ones and resuming interrupted ones.
 
@@ -760,6 +772,11 @@ def run_sweep(
             disk, and the next call resumes it. A notebook's Stop button sets the event.
         on_run_end: called with each :class:`PointResult` as soon as the point is done
             (trained, loaded, stopped, diverged or failed).
+        executor: what runs the points: None (the default, :func:`local_executor`) trains
+            them one after another in this process; a
+            :class:`labkit.experiments.ray_executor.RayExecutor` runs each one as a task on a
+            Ray cluster (``callbacks`` then see only the points trained here, none). Either
+            way this process alone writes ``index.json``.
 
     Returns:
         A :class:`SweepResult`; ``stopped`` is True when the stop request ended the sweep.
@@ -792,7 +809,8 @@ def run_sweep(
             raise RuntimeError(f"a sweep is already running into {out} in this process")
         _ACTIVE.add(lock_key)
     try:
-        return _run(configs, out, datasets, callbacks, progress, should_stop, on_run_end)
+        return _run(configs, out, datasets, callbacks, progress, should_stop, on_run_end,
+                    executor or local_executor)
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE.discard(lock_key)
@@ -806,6 +824,7 @@ def _run(
     progress: bool,
     should_stop: Callable[[], bool],
     on_run_end: Callable[[PointResult], None] | None,
+    executor: Executor,
 ) -> SweepResult:
     (out / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
     index = SweepIndex(out)
@@ -829,52 +848,158 @@ def _run(
         index.points[h] = dict(previous[h], order=len(configs) + k)
     index.save()
 
-    bar = None
+    sweep = SweepRun(out=out, points=points, index=index, datasets=datasets,
+                     callbacks=tuple(callbacks), progress=progress, should_stop=should_stop,
+                     on_run_end=on_run_end)
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(points), desc="sweep", unit="run")
-    stop_cb = _StopCallback(should_stop)
-    stopped = False
+        sweep.bar = tqdm(total=len(points), desc="sweep", unit="run")
     try:
-        for point in points:
-            if should_stop():
-                stopped = True
-                break
-            cfg = point.config
-            if point.status not in ("finished", "diverged"):
-                index.set(point.hash, point.index, cfg.identity(), "running",
-                          run_state(Path(point.folder))[1])
-                index.save()
-            try:
-                result = train(cfg, callbacks=(*callbacks, stop_cb), progress=progress,
-                               data=datasets[_data_key(cfg)])
-            except KeyboardInterrupt:
-                point.status = "stopped"
-                index.set(point.hash, point.index, cfg.identity(), "stopped",
-                          run_state(Path(point.folder))[1])
-                index.save()
-                raise
-            except Exception as e:  # one failing run must not end the sweep
-                point.status = "failed"
-                point.error = f"{type(e).__name__}: {e}"
-                tb = traceback.format_exc(limit=-8)
-                index.set(point.hash, point.index, cfg.identity(), "failed",
-                          run_state(Path(point.folder))[1], error=point.error + "\n" + tb)
-            else:
-                point.result, point.loaded = result, result.loaded
-                point.status, point.error = result.status, None
-                index.set(point.hash, point.index, cfg.identity(), result.status, result.metrics)
-            index.save()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(last=point.status)
-            if on_run_end is not None:
-                on_run_end(point)
-            if point.status == "stopped":
-                stopped = True
-                break
+        stopped = executor(sweep)
     finally:
-        if bar is not None:
-            bar.close()
-    return SweepResult(out=str(out), points=points, stopped=stopped)
+        if sweep.bar is not None:
+            sweep.bar.close()
+    return SweepResult(out=str(out), points=points, stopped=bool(stopped))
+
+
+# --------------------------------------------------------------------------- executors
+
+
+@dataclass
+class PointOutcome:
+    """What running one point gave: its status, and its result or its error.
+
+    Attributes:
+        status: ``finished``, ``diverged``, ``stopped`` or ``failed``.
+        result: the :class:`~labkit.train.RunResult` (None for a failed point).
+        error: ``"ExceptionType: message"`` of a failed point.
+        detail: the end of the failed point's traceback.
+    """
+
+    status: str
+    result: RunResult | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+def run_point(
+    config: TrainConfig,
+    *,
+    data: lk_data.CifarData | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = False,
+) -> PointOutcome:
+    """Train (or load, or resume) one point in its run folder ``config.out``: the work of one
+    point, the same whichever executor calls it.
+
+    An exception inside training is caught and returned as a ``failed`` outcome (one failing
+    run must not end the sweep); a KeyboardInterrupt is not caught.
+    """
+    try:
+        result = train(config, callbacks=callbacks, progress=progress, data=data)
+    except Exception as e:
+        return PointOutcome("failed", error=f"{type(e).__name__}: {e}",
+                            detail=traceback.format_exc(limit=-8))
+    return PointOutcome(result.status, result=result)
+
+
+@dataclass
+class SweepRun:
+    """One call of :func:`run_sweep` as an executor sees it: the points and the driver's
+    bookkeeping.
+
+    An executor runs ``points`` (any order, anywhere) and reports each through
+    :meth:`started`, :meth:`finished` or :meth:`interrupted`, which keep ``index.json``, the
+    progress bar and ``on_run_end`` up to date: only the process that called
+    :func:`run_sweep` writes the index.
+    """
+
+    out: Path
+    points: list[PointResult]
+    index: SweepIndex
+    datasets: dict[tuple, lk_data.CifarData]
+    callbacks: tuple[Callback, ...]
+    progress: bool
+    should_stop: Callable[[], bool]
+    on_run_end: Callable[[PointResult], None] | None = None
+    bar: Any = None
+    running: set[str] = field(default_factory=set)
+
+    def data_for(self, config: TrainConfig) -> lk_data.CifarData:
+        """The data set of a point, loaded once on this process's device."""
+        return self.datasets[_data_key(config)]
+
+    def _save(self, point: PointResult, status: str, error: str | None = None) -> None:
+        self.index.set(point.hash, point.index, point.config.identity(), status,
+                       run_state(Path(point.folder))[1], error)
+        self.index.save()
+
+    def _postfix(self, last: str | None = None) -> None:
+        if self.bar is None:
+            return
+        failed = sum(p.status == "failed" for p in self.points if p.hash not in self.running)
+        extra = {"last": last} if last else {}
+        self.bar.set_postfix(running=len(self.running), failed=failed, **extra)
+
+    def started(self, point: PointResult) -> None:
+        """The point has started training: ``running`` in the index."""
+        self.running.add(point.hash)
+        self._save(point, "running")
+        self._postfix()
+
+    def finished(self, point: PointResult, outcome: PointOutcome) -> None:
+        """The point is done (trained, loaded, stopped, diverged or failed)."""
+        self.running.discard(point.hash)
+        point.status, point.error = outcome.status, outcome.error
+        if outcome.result is not None:
+            point.result, point.loaded = outcome.result, outcome.result.loaded
+            self.index.set(point.hash, point.index, point.config.identity(), outcome.status,
+                           outcome.result.metrics)
+            self.index.save()
+        else:
+            error = outcome.error if outcome.detail is None else (
+                f"{outcome.error}\n{outcome.detail}")
+            self._save(point, outcome.status, error)
+        if self.bar is not None:
+            self.bar.update(1)
+        self._postfix(point.status)
+        if self.on_run_end is not None:
+            self.on_run_end(point)
+
+    def interrupted(self, point: PointResult) -> None:
+        """The point was cut short (Ctrl-C, a cancelled task): its status is what its folder
+        holds, ``stopped`` (resumable from its last checkpoint), ``pending`` (no epoch
+        finished) or ``finished`` (it ended as it was cut)."""
+        self.running.discard(point.hash)
+        point.status = run_state(Path(point.folder))[0]
+        self._save(point, point.status)
+
+
+#: An executor runs a sweep's points and returns True when a stop request ended it early.
+Executor = Callable[[SweepRun], bool]
+
+
+def local_executor(sweep: SweepRun) -> bool:
+    """Run the points one after another in this process, in order (the default executor).
+
+    Finished points are loaded from disk; the stop request is checked before each point and
+    after every optimizer step; Ctrl-C records the running point as resumable and re-raises.
+    """
+    stop_cb = _StopCallback(sweep.should_stop)
+    for point in sweep.points:
+        if sweep.should_stop():
+            return True
+        cfg = point.config
+        if point.status not in ("finished", "diverged"):
+            sweep.started(point)
+        try:
+            outcome = run_point(cfg, data=sweep.data_for(cfg),
+                                callbacks=(*sweep.callbacks, stop_cb), progress=sweep.progress)
+        except KeyboardInterrupt:
+            sweep.interrupted(point)
+            raise
+        sweep.finished(point, outcome)
+        if point.status == "stopped":
+            return True
+    return False

@@ -36,6 +36,10 @@ Shared by every lab (:mod:`labkit.labs.setup`, re-exported here):
 
 A notebook imports its own module, e.g. ``from labkit.labs import lab3``; importing
 :mod:`labkit.labs` loads none of the lab modules.
+
+The notebooks students get, ``labs/<lab>.ipynb``, are made from the instructor sources with the
+solutions, ``labs/source/<lab>.ipynb``, by :mod:`labkit.labs.release`
+(``python -m labkit.labs.release``, nbgrader's ``generate_assignment``).
 """
 
 from labkit.labs.setup import LabSetup, lab_setup, results_dir, results_root

@@ -201,12 +201,12 @@ def label(config: TrainConfig) -> str:
 
 def _load_run_model(folder: Path, device: Any) -> tuple[Any, Any, Any]:
     """(model with the run's last weights, its resolved config, its data on ``device``)."""
-    from labkit.experiments.results import _final_model
+    from labkit.experiments.results import final_model
     from labkit.train import prepare_data
 
     cfg = TrainConfig.from_dict(json.loads((folder / "config.json").read_text())).resolved()
     data = prepare_data(cfg, device)
-    return _final_model(folder, cfg, data.num_classes, device), cfg, data
+    return final_model(folder, cfg, data.num_classes, device), cfg, data
 
 
 def gradient_variance(run: str | Path, *, n_examples: int = 512, seed: int = 0,

@@ -87,17 +87,27 @@ def selection_messages(chosen: Any, what: str, valid: Sequence[Any] | None = Non
 def results_root() -> Path:
     """Where the labs keep their sweep folders.
 
-    ``$LABKIT_RESULTS`` when set; else ``results/`` beside the notebook when the working
-    directory is ``labs/`` (how Jupyter starts a lab's kernel), ``labs/results/`` when it is the
-    repository root, and ``results/`` in the working directory otherwise. ``labs/results/`` is
-    ignored by git.
+    ``$LABKIT_RESULTS`` when set. Else, while nbgrader autogrades the notebook
+    (``NBGRADER_EXECUTION=autograde``), the grader's own folder
+    (:func:`labkit.grading.grader_results_root`, ``~/.cache/labkit/grading-results``): the
+    working directory is then the student's submission, and runs found there would be reloaded
+    instead of trained. Otherwise ``results/`` beside the notebook when the working directory is
+    ``labs/`` (how Jupyter starts a lab's kernel), ``labs/results/`` when it is the instructor
+    sources' ``labs/source/`` or the repository root, and ``results/`` in the working directory
+    otherwise. ``labs/results/`` is ignored by git.
     """
     env = os.environ.get("LABKIT_RESULTS", "").strip()
     if env:
         return Path(env).expanduser()
+    if os.environ.get("NBGRADER_EXECUTION") == "autograde":
+        from labkit.grading import grader_results_root
+
+        return grader_results_root()
     cwd = Path.cwd()
     if cwd.name == "labs":
         return cwd / "results"
+    if cwd.name == "source" and cwd.parent.name == "labs":
+        return cwd.parent / "results"
     if (cwd / "labs").is_dir():
         return cwd / "labs" / "results"
     return cwd / "results"
