@@ -116,8 +116,9 @@ STOPPED = "stopped with the Stop button: press Run (or run this cell again) to r
 
 
 class Interrupted(KeyboardInterrupt):
-    """A kernel interrupt during a panel's run. IPython shows it as its one-line message (no
-    traceback: the run stopped cleanly and resumes on the next run)."""
+    """A kernel interrupt during a panel's run, or a Stop that ended the run a cell awaited
+    (:meth:`ControlPanel.run_async`). IPython shows it as its one-line message (no traceback:
+    the run stopped cleanly and resumes on the next run); "Run All" halts at that cell."""
 
     def _render_traceback_(self) -> list[str]:  # IPython's hook for a custom traceback
         return [f"\x1b[0;31m{self}\x1b[0m"]
