@@ -174,7 +174,7 @@ def test_bad_input_fails_before_anything_runs(tmp_path, data_root):
     spec = {"base": {"profile": "smoke", "data_root": str(tmp_path / "d"), "epochs": 4,
                      "batch_schedule": {"kind": "step", "every": 1, "factor": 4}},
             "grid": {"batch_size": [16]}}
-    with pytest.raises(GridError, match="batch size 1024 exceeds"):
+    with pytest.raises(GridError, match="schedule grows b from 16 to 1024, which exceeds"):
         plan_sweep(spec, out, check_data=True)
     assert not out.exists()
     assert train_set_size(TrainConfig(profile="smoke", data_root=str(tmp_path / "d"))) == n

@@ -246,7 +246,8 @@ def test_strip_solution():
 # The student versions (labs/<lab>.ipynb): what the launch links and the book open
 # ---------------------------------------------------------------------------------------------
 
-RECORD_CALL = re.compile(r"""\brecord\(\s*["']([^"']+)["']""")
+# record("name", ...), and panel.record_inputs() (the "inputs" record of the panel's knobs).
+RECORD_CALL = re.compile(r"""\brecord\(\s*["']([^"']+)["']|\.record_(inputs)\(\)""")
 STUB = "raise NotImplementedError()"
 
 
@@ -350,7 +351,7 @@ def test_student_version_runs_with_only_its_questions_failing(path, lab_env, mon
                for out in panel.outputs), "the panel cell shows no widget"
     # Every record made outside the answer cells is saved: the knobs and the experiment's data.
     expected = {name for c in nb.cells if c.cell_type == "code" and c.id not in answers
-                for name in RECORD_CALL.findall(c.source)}
+                for names in RECORD_CALL.findall(c.source) for name in names if name}
     emitted = {out["data"][RECORD_MIME]["name"] for c in nb.cells if c.cell_type == "code"
                for out in c.outputs if RECORD_MIME in out.get("data", {})}
     assert "inputs" in expected and emitted == expected

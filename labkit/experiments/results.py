@@ -395,6 +395,7 @@ def measure_sharpness(
     device: str = "auto",
     data_root: str | None = None,
     cache: bool = True,
+    stored_only: bool = False,
 ) -> float:
     """Adaptive sharpness of a run's last checkpoint (Sato & Iiduka (2024) §5.3; loss units).
 
@@ -415,7 +416,8 @@ def measure_sharpness(
 
     The value is stored in ``<run>/sharpness.json`` under its settings and the number of
     epochs the checkpoint holds; ``cache=True`` returns a stored value for the same settings
-    instead of measuring again.
+    instead of measuring again. ``stored_only=True`` never measures: it returns the stored
+    value, or NaN when there is none (what a stopped panel still shows).
 
     Raises:
         FileNotFoundError: the folder has no ``config.json`` or ``checkpoint.pt``.
@@ -452,8 +454,10 @@ def measure_sharpness(
                 "seed": seed if selection == "random" else None, "epochs": epochs}
     store = folder / SHARPNESS_FILE
     records, found = _cached(store, settings, "sharpness")
-    if cache and found is not None:
+    if (cache or stored_only) and found is not None:
         return float(found)
+    if stored_only:
+        return math.nan
 
     dev = resolve_device(device)
     data = prepare_data(cfg, dev)
@@ -490,6 +494,7 @@ def measure_gradient_stats(
     device: str = "auto",
     data: Any = None,
     cache: bool = True,
+    stored_only: bool = False,
 ) -> Any:
     """C^2 and ||grad f||^2 at a run's final weights (:func:`labkit.noise.gradient_variance`).
 
@@ -511,9 +516,10 @@ def measure_gradient_stats(
         device: "auto", "cpu" or "cuda".
         data: the run's :class:`labkit.data.CifarData` if already loaded (sweeps share it).
         cache: reuse a stored value.
+        stored_only: never measure; return the stored value or None.
 
     Returns:
-        a :class:`labkit.noise.GradientStats`.
+        a :class:`labkit.noise.GradientStats` (None: ``stored_only`` and nothing stored).
 
     Raises:
         FileNotFoundError: the folder has no ``config.json`` or ``checkpoint.pt``.
@@ -536,8 +542,10 @@ def measure_gradient_stats(
                 "epochs": _finished_epochs(folder, "gradient variance")}
     store = folder / GRADIENT_STATS_FILE
     records, found = _cached(store, settings, "stats")
-    if cache and found is not None:
+    if (cache or stored_only) and found is not None:
         return lk_noise.GradientStats(**found)
+    if stored_only:
+        return None
 
     dev = resolve_device(device)
     data = prepare_data(cfg, dev) if data is None else data.to(dev)

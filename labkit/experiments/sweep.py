@@ -606,11 +606,16 @@ def _check_batch_sizes(configs: Sequence[TrainConfig], sizes: Mapping[tuple, int
         n = sizes[_data_key(cfg)]
         b = _max_batch_size(cfg)
         if b > n:
+            grows = "" if b == cfg.batch_size else (
+                f"its batch-size schedule grows b from {cfg.batch_size} to {b}, which ")
+            fix = f"use batch sizes <= {n}" if not grows else (
+                f"start from a smaller batch size (the schedule multiplies it by "
+                f"{b / cfg.batch_size:g}) or use fewer growth stages")
             raise GridError(
                 f"grid point {i + 1} of {len(configs)} (optimizer={cfg.optimizer!r}, "
-                f"lr={cfg.lr!r}, batch_size={cfg.batch_size!r}): batch size {b} exceeds the "
-                f"{n} training images of {cfg.dataset} (profile {cfg.profile!r}); use batch "
-                f"sizes <= {n}",
+                f"lr={cfg.lr!r}, batch_size={cfg.batch_size!r}): {grows}"
+                f"{'exceeds' if grows else f'batch size {b} exceeds'} the "
+                f"{n} training images of {cfg.dataset} (profile {cfg.profile!r}); {fix}",
                 ("grid", "batch_size"),
             )
 

@@ -391,7 +391,8 @@ def figure(runs: Any, values: Mapping[str, Any],
             idx = _thin(m.size)
             b = int(r["batch_size"])
             color = cmap(norm(math.log2(b)))
-            label = f"b = {b}" + (f" s{r['seed']}" if r["seed"] else "")
+            # One legend entry per batch size: its seeds share its colour.
+            label = f"b = {b}" if not r["seed"] else "_seed"
             ax.plot((idx + 1) * b, m[idx], color=color, lw=1.2, label=label)
             if r["reached"]:
                 ax.plot([r["sfo"]], [eps], "o", color=color, ms=6, markeredgecolor="k")
@@ -401,7 +402,7 @@ def figure(runs: Any, values: Mapping[str, Any],
         ax.set_ylabel("running mean of ‖∇f_S‖")
         ax.set_title(f"{OPTIMIZER_LABELS[opt]}: the test passes at T·b", fontsize="medium")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="x-small")
+        ax.legend(fontsize="x-small", ncols=2 if len(sizes) > 6 else 1)
     curves = lk_sfo.sfo_curves(runs)
     ax = axes["sfo"]
     if any(c.critical_batch_size is not None for c in curves):
@@ -453,6 +454,6 @@ def on_result(panel: Any) -> None:
     panel.show(figure(runs, values, max_by_optimizer(stats), fig=fig))
     reach = runs[runs["complete"]]["lowest_mean"]
     if len(reach) and np.isfinite(reach).all():
-        panel.set_status("", html_text=panel.status.value + " &middot; every finished run "
+        panel.set_status("", html_text=panel.sweep_status + " &middot; every finished run "
                          f"reaches ε &ge; {float(reach.max()):.3g}")
 

@@ -210,7 +210,8 @@ def _load_run_model(folder: Path, device: Any) -> tuple[Any, Any, Any]:
 
 
 def gradient_variance(run: str | Path, *, n_examples: int = 512, seed: int = 0,
-                      device: str = "auto", cache: bool = True) -> dict[str, float]:
+                      device: str = "auto", cache: bool = True,
+                      stored_only: bool = False) -> dict[str, float] | None:
     """C^2 and ||grad f||^2 at a run's last weights, over ``n_examples`` training images.
 
     :func:`labkit.experiments.results.measure_gradient_stats` (per-example gradients of the
@@ -219,7 +220,8 @@ def gradient_variance(run: str | Path, *, n_examples: int = 512, seed: int = 0,
     augmented), as ``{"c2": C^2, "k2": ||grad f||^2, "n": n_examples}``. The C^2 of
     Sato & Iiduka (2024) bounds the variance at every iterate of a run; one point gives a lower
     bound on it, and the end of training is where the noise acted last. Cached in
-    ``<run>/gradient-stats.json``.
+    ``<run>/gradient-stats.json``; ``stored_only=True`` returns what is stored there (None if
+    nothing) without measuring.
 
     Raises:
         FileNotFoundError: the folder has no ``config.json`` or ``checkpoint.pt``.
@@ -230,7 +232,10 @@ def gradient_variance(run: str | Path, *, n_examples: int = 512, seed: int = 0,
     if not is_int_at_least(n_examples, 2):
         raise ValueError(f"n_examples must be an integer >= 2; got {n_examples!r}")
     stats = measure_gradient_stats(run, n_images=n_examples, seed=seed,
-                                   chunk_size=min(64, n_examples), device=device, cache=cache)
+                                   chunk_size=min(64, n_examples), device=device, cache=cache,
+                                   stored_only=stored_only)
+    if stats is None:
+        return None
     return {"c2": float(stats.c2), "k2": float(stats.full_grad_norm_sq), "n": n_examples}
 
 
@@ -256,7 +261,8 @@ def measure(
         values: the panel's knobs: ``rho``, ``norm``, ``n_batches``, ``sharpness_batch_size``,
             ``n_iters`` (the sharpness) and ``c2_source``.
         progress: called with a short status text before each measurement.
-        should_stop: polled before each run; True leaves the rest unmeasured (NaN).
+        should_stop: polled before each run; once True, the remaining runs get only what
+            is already stored in their folders (NaN where nothing is).
         device: where to measure.
 
     Returns one row per run with the columns ``run, optimizer, lr, batch_size, beta, seed,
@@ -308,25 +314,26 @@ def measure(
         finished = r["status"] == "finished"
         stopped = stopped or (should_stop is not None and should_stop())
         folder = sweep_dir / str(r["folder"])
-        if finished and not stopped:
-            if progress is not None:
+        if finished:
+            if progress is not None and not stopped:
                 progress(f"measuring sharpness {i + 1}/{n}: {OPTIMIZERS.get(opt, opt)} "
                          f"η={row['lr']:g} b={row['batch_size']}")
             row["sharpness"] = measure_sharpness(
                 folder, rho=float(values["rho"]), norm=values["norm"],
                 n_batches=int(values["n_batches"]),
                 batch_size=int(values["sharpness_batch_size"]), n_iters=int(values["n_iters"]),
-                device=device)
+                device=device, stored_only=stopped)
         if opt in noise.OPTIMIZERS:
             if values["c2_source"] == "paper":
                 row["c2"] = float(paper["c2_upper_bound"][opt])
                 row["k2"] = float(paper["k"]["shb"]) ** 2 if opt == "shb" else math.nan
-            elif finished and not stopped:
+            elif finished:
                 stats = gradient_variance(
                     folder, n_examples=int(values["n_batches"])
-                    * int(values["sharpness_batch_size"]), device=device)
-                row["c2"] = stats["c2"]
-                row["k2"] = stats["k2"] if opt == "shb" else math.nan
+                    * int(values["sharpness_batch_size"]), device=device, stored_only=stopped)
+                if stats is not None:
+                    row["c2"] = stats["c2"]
+                    row["k2"] = stats["k2"] if opt == "shb" else math.nan
             if math.isfinite(row["c2"]):
                 row["delta"] = float(noise.smoothing_degree(
                     opt, lr=row["lr"], batch_size=row["batch_size"], c2=row["c2"],
@@ -445,11 +452,19 @@ def figure(table: Any, profile: str = "smoke") -> Any:
 
 
 def on_result(panel: Any) -> None:
-    """After a sweep: measure every run (:func:`table`) and draw Fig. 8 in the panel."""
-    done = panel.status.value
+    """After a sweep: measure every run (:func:`table`) and draw Fig. 8 in the panel. After
+    Stop only the values already stored are shown; the status line says how many runs lack
+    one and why."""
+    done = panel.sweep_status
     runs = table(panel)
     measured = int(runs["sharpness"].notna().sum())
     note = f"sharpness of {measured}/{len(runs)} runs"
+    unfinished = int((runs["status"] != "finished").sum())
+    missing = len(runs) - measured - unfinished
+    reasons = ([f"{unfinished} not finished"] if unfinished else []) + \
+        ([f"{missing} not measured (stopped): press Run to measure"] if missing else [])
+    if reasons:
+        note += " (" + "; ".join(reasons) + ")"
     if measured:
         fig = lk_widgets.new_figure((11.5, 8.0))
         _draw(fig, runs, panel.profile)
