@@ -95,7 +95,9 @@ _DEFAULTS = {
     "smoke": {"lrs": (0.05, 0.2), "batch_sizes": (16, 64), "epochs": 3, "n_batches": 2,
               "sharpness_batch_size": 64, "n_iters": 5},
     # CPU: the handwritten digits and the tiny CNN, 3 lr x 4 b, 30 epochs; sharpness on the
-    # first 512 training images in 4 batches of 128, 20 ascent steps.
+    # first 512 training images in 4 batches of 128, 20 ascent steps. Measured: 91 s of CPU
+    # time for the 12 runs and 14 s for sharpness and C^2 (one core; 20 min wall on a shared
+    # 2-core machine).
     # delta from C^2 measured at the runs' final weights (the paper's C^2 is ResNet-18's).
     "cpu": {"lrs": (0.05, 0.1, 0.5), "batch_sizes": (8, 32, 128, 512), "epochs": 30,
             "n_batches": 4, "sharpness_batch_size": 128, "n_iters": 20,
