@@ -104,7 +104,7 @@ def default_profile() -> str:
     """``$LABKIT_PROFILE`` when set, else ``"short"`` if CUDA is available, else ``"smoke"``.
 
     Raises:
-        ValueError: ``$LABKIT_PROFILE`` is set to something other than smoke, short or paper.
+        ValueError: ``$LABKIT_PROFILE`` is set to something other than smoke, cpu, short or paper.
     """
     env = os.environ.get("LABKIT_PROFILE", "").strip()
     if env:
