@@ -265,7 +265,8 @@ def test_missing_cifar_is_a_message_that_says_how_to_get_it(tmp_path, monkeypatc
     message = panel.messages
     assert message.startswith("✖ CIFAR-10 not found: searched ") and message.count("✖") == 1
     assert "`python -m labkit data --download cifar10`" in message and "LABKIT_DATA" in message
-    assert message.endswith("Or choose the smoke profile, which generates its own data.")
+    assert message.endswith("Or choose the cpu profile (handwritten digits that come with "
+                            "scikit-learn) or the smoke profile, which generates its own data.")
     assert not (tmp_path / "sweep").exists()
 
 
