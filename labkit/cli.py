@@ -136,6 +136,7 @@ def add_run_options(p: argparse.ArgumentParser, profiles: Sequence[str]) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from labkit.data import DATASET_NAMES as CIFAR_NAMES
     from labkit.models import MODEL_NAMES
     from labkit.optim import OPTIMIZER_NAMES
     from labkit.train import DATASETS, PROFILES
@@ -155,9 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one run. Re-running the same command on the same --out folder "
         "resumes after the last finished epoch, or prints the stored result.",
     )
-    t.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    t.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: digits (scikit-learn's handwritten digits) for --profile cpu, "
+                   "else cifar10")
     t.add_argument("--model", choices=MODEL_NAMES, default=None,
-                   help="default: tiny for --profile smoke, else the paper's model")
+                   help="default: tiny for --profile smoke and on the digits, else the "
+                   "paper's model")
     t.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd")
     t.add_argument("--lr", type=_float, default=0.1, help="initial learning rate (default 0.1)")
     t.add_argument("--batch-size", type=_positive_int, default=None)
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or what is missing and how to fix it. Exit status 1 when one is missing or unusable.",
     )
     d.add_argument("names", nargs="*", type=_dataset_name, metavar="NAME",
-                   help=f"{' and/or '.join(DATASETS)} (default: both)")
+                   help=f"{' and/or '.join(CIFAR_NAMES)} (default: both)")
     d.add_argument("--data-root", default=None,
                    help="default: $LABKIT_DATA or ~/.cache/labkit/data")
     d.add_argument("--download", action="store_true",
@@ -198,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dataset_name(text: str) -> str:
-    from labkit.train import DATASETS
+    from labkit.data import DATASET_NAMES as DATASETS
 
     if text not in DATASETS:
         raise argparse.ArgumentTypeError(
@@ -523,10 +527,12 @@ def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[
         "Re-running the same command trains nothing new and resumes interrupted runs; another "
         "--eps trains only the runs that stopped before reaching it.",
     )
-    m.add_argument("--dataset", choices=DATASETS, default="cifar100",
-                   help="default cifar100 (the seed's experiment)")
+    m.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: digits for --profile cpu, else cifar100 (the seed's "
+                   "experiment)")
     m.add_argument("--model", choices=MODEL_NAMES, default=None,
-                   help="default: tiny for --profile smoke, else the paper's model")
+                   help="default: tiny for --profile smoke and on the digits, else the "
+                   "paper's model")
     m.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd",
                    help="default sgd; the C^2 bound exists for sgd, shb and nshb")
     m.add_argument("--lr", type=_float, default=0.1, help="learning rate (default 0.1)")
@@ -551,6 +557,16 @@ def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[
     m.set_defaults(subparser=m, critical_command="measure")
 
 
+def _dataset_of(args: argparse.Namespace, default: str) -> str:
+    """``--dataset``, or when it is not given the digits for ``--profile cpu`` (the only data
+    set of that profile) and ``default`` otherwise."""
+    from labkit.train import CPU_DATASET
+
+    if args.dataset is not None:
+        return args.dataset
+    return CPU_DATASET if args.profile == "cpu" else default
+
+
 def _hparams(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The ``--set KEY=VALUE`` pairs as a dict; a key given twice is an error."""
     hparams: dict[str, Any] = {}
@@ -568,8 +584,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     hparams = _hparams(args, parser)
     config = TrainConfig(
-        dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
-        batch_size=args.batch_size, epochs=args.epochs, hparams=hparams,
+        dataset=_dataset_of(args, "cifar10"), model=args.model, optimizer=args.optimizer,
+        lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, hparams=hparams,
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
         batch_schedule=args.batch_schedule, seed=args.seed, device=args.device,
         precision=args.precision, compile=args.compile, augment=args.augment,
@@ -602,7 +618,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                  else "nothing was kept (no --out folder)")
         print(f"labkit train: interrupted; {where}", file=sys.stderr)
         return 130
-    except (FileNotFoundError, DatasetError, DamagedFileError, FolderBusyError) as e:
+    except (FileNotFoundError, DatasetError, DamagedFileError, FolderBusyError,
+            ImportError) as e:
         print(f"labkit train: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:
@@ -619,8 +636,9 @@ def info(data_root: str | None = None) -> dict[str, Any]:
     import torch
     import torchvision
 
+    from labkit.data import DATASET_NAMES as DATASETS
     from labkit.data import dataset_folder, default_data_root
-    from labkit.train import DATASETS, SMOKE_FOLDER
+    from labkit.train import SMOKE_FOLDER
 
     root = Path(data_root) if data_root else default_data_root()
     cuda = torch.cuda.is_available()
@@ -639,6 +657,7 @@ def info(data_root: str | None = None) -> dict[str, Any]:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    from labkit.data import DATASET_NAMES as DATASETS
     from labkit.data import (
         DatasetError,
         dataset_folder,
@@ -646,7 +665,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
         is_generated,
         load_cifar,
     )
-    from labkit.train import DATASETS
 
     root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
     failed = 0
@@ -776,7 +794,7 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"labkit sweep: interrupted; run the same command again to resume ({args.out})",
               file=sys.stderr)
         return 130
-    except (FileNotFoundError, DatasetError, FolderBusyError) as e:
+    except (FileNotFoundError, DatasetError, FolderBusyError, ImportError) as e:
         print(f"labkit sweep: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
@@ -931,9 +949,9 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
         parser.error(f"--skip-epochs must be >= 0; got {args.skip_epochs}")
     hparams = _hparams(args, parser)
     config = TrainConfig(
-        dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
-        hparams=hparams, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
-        precision=args.precision, compile=args.compile, augment=args.augment,
+        dataset=_dataset_of(args, "cifar100"), model=args.model, optimizer=args.optimizer,
+        lr=args.lr, hparams=hparams, weight_decay=args.weight_decay, seed=args.seed,
+        device=args.device, precision=args.precision, compile=args.compile, augment=args.augment,
         rotate=args.rotate, data_root=args.data_root, download=args.download,
         profile=args.profile,
     )
@@ -962,7 +980,8 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
         print(f"labkit critical measure: interrupted; run the same command again to resume "
               f"({args.out})", file=sys.stderr)
         return 130
-    except (FileNotFoundError, DatasetError, DamagedFileError, FolderBusyError) as e:
+    except (FileNotFoundError, DatasetError, DamagedFileError, FolderBusyError,
+            ImportError) as e:
         print(f"labkit critical measure: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:
@@ -1003,7 +1022,7 @@ def _cmd_sharpness(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             selection=args.selection, n_iters=args.n_iters, seed=args.seed, device=args.device,
             data_root=args.data_root, cache=args.cache,
         )
-    except (FileNotFoundError, DatasetError) as e:
+    except (FileNotFoundError, DatasetError, ImportError) as e:
         print(f"labkit sharpness: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:

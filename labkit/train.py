@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import data as lk_data
+from labkit import digits as lk_digits
 from labkit import models as lk_models
 from labkit import optim as lk_optim
 from labkit import schedules as lk_schedules
@@ -53,14 +54,17 @@ from labkit import store
 from labkit.precision import autocast_dtype, strict_fp32
 from labkit.store import RUN_FILES, atomic_write_json  # noqa: F401  (part of this module's API)
 
-PROFILES = ("smoke", "short", "paper")
+PROFILES = ("smoke", "cpu", "short", "paper")
 PRECISIONS = ("auto", "fp32", "bf16")
-DATASETS = ("cifar10", "cifar100")
+DATASETS = ("cifar10", "cifar100", "digits")
 
 #: Defaults a profile fills in for the fields left as ``None`` in a :class:`TrainConfig`.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # CPU-friendly: generated CIFAR-format data, the tiny CNN, a few hundred images.
     "smoke": {"model": "tiny", "epochs": 4, "batch_size": 64},
+    # CPU, minutes: real data that ships with scikit-learn (the 8x8 handwritten digits,
+    # labkit.digits) and the small CNN made for them.
+    "cpu": {"model": None, "epochs": 30, "batch_size": 64},
     # One GPU, minutes: the paper's model on the real data, few epochs.
     "short": {"model": None, "epochs": 15, "batch_size": 128},
     # The seeds' full scale.
@@ -69,6 +73,11 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: The model each paper trains on each data set (the power-eta thesis: ResNet-44 on CIFAR-10;
 #: Sato & Iiduka (2023, 2024): ResNet-18 on CIFAR-100).
 PAPER_MODEL = {"cifar10": "resnet44", "cifar100": "resnet18"}
+#: The model a run gets when its profile names none: the paper's on CIFAR, on the digits the CNN
+#: with one input channel (:class:`labkit.models.TinyCNN`).
+DEFAULT_MODEL = {**PAPER_MODEL, "digits": "tiny"}
+#: The data set of the cpu profile (it trains on nothing else).
+CPU_DATASET = "digits"
 #: The largest random rotation (degrees) of each paper's augmentation, what ``rotate=None``
 #: resolves to when ``augment`` is on. Sato & Iiduka's code rotates its CIFAR-100 training images
 #: by a uniform angle in [-15, 15] degrees after the crop and the flip
@@ -76,7 +85,12 @@ PAPER_MODEL = {"cifar10": "resnet44", "cifar100": "resnet18"}
 #: ``sharpness/main.py`` line 160, naoki-sato3/sigma-nice-momentum ``main.py`` line 167); the
 #: articles do not mention it. The power-eta thesis's CIFAR-10 runs are not published; labkit
 #: does not rotate them (crop and flip only, the usual recipe of He et al. 2016).
-PAPER_ROTATION = {"cifar10": 0.0, "cifar100": 15.0}
+PAPER_ROTATION = {"cifar10": 0.0, "cifar100": 15.0, "digits": 0.0}
+#: The crop padding (pixels) and the horizontal flip of ``augment`` per data set: CIFAR's
+#: 4-pixel crops and flips; on the 8x8 digits shifts of one pixel and no mirror image
+#: (:mod:`labkit.digits`).
+AUGMENTATION = {"cifar10": (4, True), "cifar100": (4, True),
+                "digits": (lk_digits.AUGMENT_PAD, lk_digits.AUGMENT_FLIP)}
 #: Size of the generated data set of the smoke profile.
 SMOKE_SIZES = {"n_train": 512, "n_test": 256}
 SMOKE_FOLDER = "labkit-smoke"
@@ -96,9 +110,11 @@ class TrainConfig:
     Fields left as ``None`` are filled in from the profile (:data:`PROFILE_DEFAULTS`).
 
     Attributes:
-        dataset: ``"cifar10"`` or ``"cifar100"``.
+        dataset: ``"cifar10"``, ``"cifar100"`` or ``"digits"`` (scikit-learn's 8x8 handwritten
+            digits, :mod:`labkit.digits`; the only data set of the ``cpu`` profile).
         model: a name from :data:`labkit.models.MODEL_NAMES`; ``None`` picks the profile's
-            (``tiny`` for ``smoke``, the paper's model otherwise).
+            (``tiny`` for ``smoke``, :data:`DEFAULT_MODEL` of the data set otherwise: the
+            paper's model on CIFAR, ``tiny`` on the digits).
         optimizer: a name from :data:`labkit.optim.OPTIMIZER_NAMES`.
         lr: initial learning rate (the ``eta`` of the book; chapter 3).
         batch_size: initial batch size ``b`` (examples per step).
@@ -115,7 +131,8 @@ class TrainConfig:
             measurement runs of chapter 8 use it) or ``"bf16"``.
         channels_last: use the channels-last memory format; ``None`` means on CUDA only.
         compile: wrap the model in ``torch.compile``.
-        augment: random crop (4-pixel padding) and horizontal flip of training images.
+        augment: random crop (4-pixel padding) and horizontal flip of training images
+            (on the digits: 1-pixel shifts, no flip; :data:`AUGMENTATION`).
         rotate: then rotate each training image by a uniform random angle in
             [-rotate, rotate] degrees (:func:`labkit.data.random_rotate`: torchvision's
             ``RandomRotation`` defaults, nearest neighbour, black corners); ``0`` turns it off.
@@ -127,7 +144,7 @@ class TrainConfig:
             means ``$LABKIT_DATA`` or ``~/.cache/labkit/data``.
         download: fetch CIFAR with torchvision's verified download when it is missing.
         out: the run folder; ``None`` keeps everything in memory.
-        profile: ``"smoke"``, ``"short"`` or ``"paper"``.
+        profile: ``"smoke"``, ``"cpu"``, ``"short"`` or ``"paper"``.
     """
 
     dataset: str = "cifar10"
@@ -164,10 +181,16 @@ class TrainConfig:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {self.profile!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
+        if self.profile == "cpu" and self.dataset != CPU_DATASET:
+            raise ValueError(
+                f"the cpu profile trains on dataset={CPU_DATASET!r} (scikit-learn's handwritten "
+                f"digits); got dataset={self.dataset!r}: use dataset={CPU_DATASET!r} or another "
+                "profile"
+            )
         defaults = PROFILE_DEFAULTS[self.profile]
         cfg = dataclasses.replace(self, hparams=dict(self.hparams))
         if cfg.model is None:
-            cfg.model = defaults["model"] or PAPER_MODEL[cfg.dataset]
+            cfg.model = defaults["model"] or DEFAULT_MODEL[cfg.dataset]
         if cfg.epochs is None:
             cfg.epochs = defaults["epochs"]
         if cfg.batch_size is None:
@@ -401,7 +424,14 @@ def _atomic_torch_save(path: Path, obj: Any) -> None:
 
 
 def prepare_data(config: TrainConfig, device: torch.device) -> lk_data.CifarData:
-    """Load the config's data set onto the device (generating it for the smoke profile)."""
+    """Load the config's data set onto the device (generating it for the smoke profile).
+
+    Raises:
+        FileNotFoundError / labkit.data.DatasetError: CIFAR is missing or corrupt.
+        ImportError: the digits were asked for and scikit-learn is not installed.
+    """
+    if config.dataset == "digits":
+        return lk_digits.load_digits(device)
     root = Path(config.data_root) if config.data_root else lk_data.default_data_root()
     if config.profile == "smoke":
         root = root / SMOKE_FOLDER
@@ -530,7 +560,8 @@ def _train(
     }
 
     torch.manual_seed(cfg.seed)
-    model = lk_models.build_model(cfg.model, data.num_classes).to(device)
+    model = lk_models.build_model(cfg.model, data.num_classes,
+                                  in_channels=int(data.train_x.shape[1])).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model.parameters())
@@ -549,8 +580,10 @@ def _train(
     test_x = lk_data.normalize(data.test_x, data.mean, data.std, dtype=in_dtype)
     test_x = test_x.contiguous(memory_format=memory_format)
 
+    pad, flip = AUGMENTATION[cfg.dataset]
+
     def epoch_inputs() -> torch.Tensor:
-        x = lk_data.augment(data.train_x, gen) if cfg.augment else data.train_x
+        x = lk_data.augment(data.train_x, gen, pad, flip) if cfg.augment else data.train_x
         if cfg.rotate:  # no random draws at 0: runs without rotation are what they were
             x = lk_data.random_rotate(x, gen, cfg.rotate)
         x = lk_data.normalize(x, data.mean, data.std, dtype=in_dtype)

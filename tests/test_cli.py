@@ -46,7 +46,27 @@ def test_train_rotation_flags(tmp_path, capsys):
         assert json.loads((out / "config.json").read_text())["rotate"] == expected
 
 
+def test_train_cpu_profile_trains_on_the_digits(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, text, _ = run(capsys, "train", "--profile", "cpu", "--epochs", "1", "--device", "cpu",
+                        "--out", str(out), "--quiet")
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dataset"], config["model"], config["profile"]) == ("digits", "tiny", "cpu")
+    assert json.loads(text.strip().splitlines()[-1])["status"] == "finished"
+
+
+def test_train_cpu_profile_without_scikit_learn_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if it were not installed
+    code, _, err = run(capsys, "train", "--profile", "cpu", "--epochs", "1", "--device", "cpu",
+                       "--out", str(tmp_path / "run"))
+    assert code == 1
+    assert err.count("\n") == 1 and "pip install scikit-learn==" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv,match", [
+    (["train", "--profile", "cpu", "--dataset", "cifar10"], "cpu profile trains on dataset="),
     (["train", "--profile", "smoke", "--rotate", "200"], "rotate must be None or a number"),
     (["train", "--rotate", "5", "--no-rotate"], "not allowed with argument"),
     (["train", "--optimizer", "adamw"], "invalid choice: 'adamw'"),

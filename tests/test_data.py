@@ -986,3 +986,101 @@ def test_a_generator_killed_at_any_moment_leaves_no_half_written_folder(tmp_path
         D.ensure_fake_cifar(tmp_path, "cifar10", n_train=5000, n_test=64)
         assert len(load_cifar("cifar10", tmp_path, cache=False).train_y) == 5000
         shutil.rmtree(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-learn's handwritten digits (labkit.digits): the cpu profile's data
+
+
+def test_digits_split_shapes_dtypes_and_stratification():
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from labkit import digits as G
+
+    d = G.load_digits()
+    assert isinstance(d, CifarData) and d.name == "digits"
+    assert d.train_x.shape == (G.N_TRAIN, 1, 8, 8) and d.test_x.shape == (G.N_TEST, 1, 8, 8)
+    assert d.train_x.dtype == torch.uint8 and d.train_y.dtype == torch.int64
+    assert d.classes == [str(k) for k in range(10)] and d.num_classes == 10
+    assert int(d.train_x.max()) == 255 and int(d.train_x.min()) == 0
+    # Every image of scikit-learn's set is in exactly one split (as a multiset of label counts),
+    # and each class is split 3:1 up to one image (stratified).
+    y = sk_load_digits().target
+    total = np.bincount(y, minlength=10)
+    test = np.bincount(d.test_y.numpy(), minlength=10)
+    train = np.bincount(d.train_y.numpy(), minlength=10)
+    np.testing.assert_array_equal(train + test, total)
+    assert np.all(np.abs(test - total * G.TEST_FRACTION) <= 1)
+
+
+def test_digits_pixels_are_sklearn_values_scaled_to_uint8():
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from labkit import digits as G
+
+    d = G.load_digits()
+    images = sk_load_digits().images  # values 0..16
+    scaled = np.rint(images * 255 / 16).astype(np.uint8)
+    # Each training image is one of scikit-learn's images with its label.
+    sk = {(scaled[i].tobytes(), int(t)) for i, t in enumerate(sk_load_digits().target)}
+    for x, t in zip(d.train_x[:50], d.train_y[:50], strict=True):
+        assert (x[0].numpy().tobytes(), int(t)) in sk
+
+
+def test_digits_split_is_fixed_and_mean_std_are_the_training_split_statistics():
+    from labkit import digits as G
+
+    a, b = G.load_digits(), G.load_digits()
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    pixels = a.train_x.double() / 255
+    assert a.mean == G.MEAN and a.std == G.STD
+    assert float(pixels.mean()) == pytest.approx(G.MEAN[0], abs=5e-5)
+    assert float(pixels.std()) == pytest.approx(G.STD[0], abs=5e-5)
+    x = normalize(a.train_x, a.mean, a.std)
+    assert x.shape == (G.N_TRAIN, 1, 8, 8)
+    assert abs(float(x.mean())) < 1e-3 and float(x.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_digits_augmentation_shifts_by_one_pixel_and_never_mirrors():
+    from labkit import digits as G
+
+    d = G.load_digits()
+    gen = torch.Generator().manual_seed(0)
+    x = d.train_x[:200]
+    out = augment(x, gen, pad=G.AUGMENT_PAD, flip=G.AUGMENT_FLIP)
+    # Each output is the input shifted by (dy, dx) in -1..1 with zero fill: find the shift.
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(x.shape[0]):
+        windows = [padded[i, :, 1 + dy:9 + dy, 1 + dx:9 + dx]
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_digits_without_scikit_learn_is_one_clear_error(monkeypatch):
+    import sys
+
+    from labkit import digits as G
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match=r"scikit-learn.*pip install scikit-learn==") as info:
+        G.load_digits()
+    assert "\n" not in str(info.value)
+
+
+def test_digits_through_the_training_path():
+    from labkit.train import TrainConfig, prepare_data, train
+
+    cfg = TrainConfig(profile="cpu", dataset="digits", epochs=3, batch_size=64, lr=1e-3,
+                      optimizer="adam", device="cpu")
+    r = cfg.resolved()
+    assert r.model == "tiny" and r.rotate == 0.0
+    data = prepare_data(r, torch.device("cpu"))
+    assert data.name == "digits" and data.train_x.device.type == "cpu"
+    result = train(cfg, progress=False, data=data)
+    assert result.status == "finished"
+    # It learns: the training loss falls well below chance level, log(10) = 2.30. (Single-epoch
+    # test accuracies jump around with BatchNorm's running statistics this early.)
+    losses = [m["train_loss"] for m in result.metrics]
+    assert losses[-1] < 0.8 * losses[0] and losses[-1] < 2.0
+    with pytest.raises(ValueError, match="cpu profile trains on dataset='digits'"):
+        TrainConfig(profile="cpu", dataset="cifar10").resolved()

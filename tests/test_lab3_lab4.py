@@ -160,7 +160,7 @@ def test_accuracy_table_and_best_batch_sizes():
 # --------------------------------------------------------------------------- knobs
 
 
-@pytest.mark.parametrize("profile", ["smoke", "short", "paper"])
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "short", "paper"])
 def test_each_profiles_defaults_are_valid_and_make_the_grid(profile):
     for lab in (lab3, lab4):
         values = {**lab.defaults(profile), "profile": profile}
@@ -189,7 +189,7 @@ def test_each_profiles_defaults_are_valid_and_make_the_grid(profile):
 
 def test_defaults_reject_unknown_profiles():
     for lab in (lab3, lab4):
-        with pytest.raises(ValueError, match="profile must be one of smoke, short, paper"):
+        with pytest.raises(ValueError, match="profile must be one of smoke, cpu, short, paper"):
             lab.defaults("huge")
 
 
@@ -320,3 +320,26 @@ def test_lab4_panel_constants_and_figure(env):
 def test_unknown_optimizer_is_named_with_the_valid_ones():
     values = {**lab3.defaults("smoke"), "profile": "smoke", "optimizers": ("sgd", "adam")}
     assert "unknown optimizer(s) adam; valid: sgd, shb, nshb" in lab3.validate(values)
+
+
+# --------------------------------------------------------------------------- the cpu profile
+
+
+def test_lab3_cpu_profile_on_the_digits_reduced(tmp_path):
+    """Lab 3's cpu profile, cut down to run in CI (seconds): its grid trains the tiny CNN on the
+    handwritten digits, and the authors' skip rule (11 epochs) and the SFO analysis apply."""
+    values = {**lab3.defaults("cpu"), "profile": "cpu"}
+    assert values["skip_epochs"] == 11 and values["eps"] == lab3.CPU_EPS
+    assert lab3.validate(values) == []
+    values.update(optimizers=("shb",), batch_sizes=(256, 1024), epochs=13)
+    configs = lab3.grid(values)
+    assert {(c.dataset, c.resolved().model) for c in configs} == {("digits", "tiny")}
+    out = tmp_path / "lab3-cpu"
+    result = run_sweep(configs, out, progress=False)
+    assert result.complete
+    runs = sfo_of_sweep(out, eps=100.0, skip_epochs=values["skip_epochs"])
+    assert len(runs) == 2 and runs["reached"].all()
+    # A generous eps is passed at the first tested step: the first step of epoch 12.
+    steps_per_epoch = {256: 6, 1024: 2}  # 1,347 training images
+    for _, r in runs.iterrows():
+        assert r["steps"] == 11 * steps_per_epoch[int(r["batch_size"])] + 1

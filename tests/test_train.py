@@ -175,7 +175,7 @@ def test_corrupt_checkpoint_is_a_clear_error(data_root, tmp_path):
     ({"optimizer": "adamw"}, "optimizer must be one of .*nshb"),
     ({"model": "vgg"}, "model must be one of .*resnet18"),
     ({"dataset": "mnist"}, "dataset must be one of cifar10, cifar100"),
-    ({"profile": "huge"}, "profile must be one of smoke, short, paper"),
+    ({"profile": "huge"}, "profile must be one of smoke, cpu, short, paper"),
     ({"precision": "fp8"}, "precision must be one of"),
     ({"hparams": {"beta": 1.5}}, "beta"),
     ({"hparams": {"gamma": 1}}, "gamma"),

@@ -142,7 +142,7 @@ def test_set_values_errors_name_the_knob():
         panel.set_values(speed=1)
     with pytest.raises(ValueError, match="control 'kind' cannot take the value 'c'"):
         panel.set_values(kind="c")
-    with pytest.raises(ValueError, match="profile must be one of smoke, short, paper"):
+    with pytest.raises(ValueError, match="profile must be one of smoke, cpu, short, paper"):
         panel.set_values(profile="fast")
     # run() with a bad knob shows the message instead of raising.
     assert panel.run(kind="c") is None
@@ -191,7 +191,8 @@ def test_panel_construction_errors():
         widgets.ControlPanel("t", {"profile": widgets.int_text("p", 1)}, task)
     with pytest.raises(TypeError, match="task must be callable"):
         widgets.ControlPanel("t", {}, None)
-    with pytest.raises(ValueError, match="profile must be one of smoke, short, paper; got 'x'"):
+    with pytest.raises(ValueError,
+                       match="profile must be one of smoke, cpu, short, paper; got 'x'"):
         widgets.ControlPanel("t", {}, task, profile="x")
     with pytest.raises(TypeError, match="build_grid must be callable"):
         widgets.ExperimentPanel("t", {}, None, out_dir="x")
@@ -264,7 +265,8 @@ def test_missing_cifar_is_a_message_that_says_how_to_get_it(tmp_path, monkeypatc
     message = panel.messages
     assert message.startswith("✖ CIFAR-10 not found: searched ") and message.count("✖") == 1
     assert "`python -m labkit data --download cifar10`" in message and "LABKIT_DATA" in message
-    assert message.endswith("Or choose the smoke profile, which generates its own data.")
+    assert message.endswith("Or choose the cpu profile (handwritten digits that come with "
+                            "scikit-learn) or the smoke profile, which generates its own data.")
     assert not (tmp_path / "sweep").exists()
 
 
@@ -459,7 +461,7 @@ def test_each_training_lab_drives_a_panel_through_the_same_interface(name, tmp_p
         configs = mod.grid(values)
         assert configs and all(isinstance(c, TrainConfig) for c in configs)
         assert all(isinstance(mod.label(c), str) and mod.label(c) for c in configs)
-    with pytest.raises(ValueError, match="profile must be one of smoke, short, paper"):
+    with pytest.raises(ValueError, match="profile must be one of smoke, cpu, short, paper"):
         mod.defaults("huge")
 
 

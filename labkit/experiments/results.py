@@ -362,7 +362,8 @@ def _store(store: Path, records: list[dict[str, Any]], settings: Mapping[str, An
     atomic_write_json(store, {"records": records})
 
 
-def final_model(folder: Path, cfg: TrainConfig, num_classes: int, device: Any) -> Any:
+def final_model(folder: Path, cfg: TrainConfig, num_classes: int, device: Any,
+                in_channels: int = 3) -> Any:
     """The run's model with the weights of its last checkpoint, on ``device``.
 
     ``folder`` is a run folder holding ``checkpoint.pt``; ``cfg`` its resolved config.
@@ -370,7 +371,7 @@ def final_model(folder: Path, cfg: TrainConfig, num_classes: int, device: Any) -
     from labkit import models as lk_models
     from labkit.train import load_checkpoint
 
-    model = lk_models.build_model(cfg.model, num_classes)
+    model = lk_models.build_model(cfg.model, num_classes, in_channels=in_channels)
     ckpt = load_checkpoint(folder / "checkpoint.pt")
     try:
         model.load_state_dict(ckpt["model"])
@@ -478,7 +479,7 @@ def measure_sharpness(
     ys = y[idx]
     batches = [(xs[i * bs:(i + 1) * bs], ys[i * bs:(i + 1) * bs]) for i in range(n_batches)]
 
-    model = final_model(folder, cfg, data.num_classes, dev)
+    model = final_model(folder, cfg, data.num_classes, dev, int(data.train_x.shape[1]))
     value = float(adaptive_sharpness(model, lambda out, t: F.cross_entropy(out, t), batches,
                                      rho, norm=norm, adaptive=adaptive, n_iters=n_iters))
     _store(store, records, settings, "sharpness", value)
@@ -556,7 +557,7 @@ def measure_gradient_stats(
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=gen)[:n_images].to(data.train_x.device)
     x = lk_data.normalize(data.train_x[idx], data.mean, data.std)
-    model = final_model(folder, cfg, data.num_classes, dev)
+    model = final_model(folder, cfg, data.num_classes, dev, int(data.train_x.shape[1]))
     stats = lk_noise.gradient_variance(
         model, lambda out, t: F.cross_entropy(out.float(), t, reduction="none"),
         (x, data.train_y[idx]), chunk_size=chunk_size)

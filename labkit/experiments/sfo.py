@@ -68,7 +68,7 @@ __all__ = [
 #: Whole epochs the stopping test skips in the authors' code (``epoch > 10``, 0-based).
 AUTHORS_SKIP_EPOCHS = 11
 #: Epochs the test skips in each lab profile (the smoke and short runs are too short for 11).
-SKIP_EPOCHS = {"smoke": 1, "short": 2, "paper": AUTHORS_SKIP_EPOCHS}
+SKIP_EPOCHS = {"smoke": 1, "cpu": AUTHORS_SKIP_EPOCHS, "short": 2, "paper": AUTHORS_SKIP_EPOCHS}
 #: Columns of :func:`sfo_of_sweep`.
 RUN_COLUMNS = ("run", "optimizer", "lr", "beta", "batch_size", "seed", "status",
                "epochs_completed", "steps", "sfo", "reached", "complete", "first_step",

@@ -71,6 +71,7 @@ from labkit import data as lk_data
 from labkit import optim as lk_optim
 from labkit import schedules as lk_schedules
 from labkit import store
+from labkit.digits import N_TRAIN as N_DIGITS_TRAIN
 from labkit.experiments.results import load_results
 from labkit.store import INDEX_FILE, RUNS_FOLDER, SweepIndex, run_state, summarize_metrics
 from labkit.train import (
@@ -583,6 +584,8 @@ def train_set_size(config: TrainConfig) -> int:
     Raises:
         FileNotFoundError / labkit.data.DatasetError: the data set is missing or corrupt.
     """
+    if config.dataset == "digits":  # a fixed split (labkit.digits)
+        return N_DIGITS_TRAIN
     if config.profile == "smoke":
         root = Path(config.data_root) if config.data_root else lk_data.default_data_root()
         folder = root / SMOKE_FOLDER

@@ -20,7 +20,7 @@ results folder, the prefix of its grade_ids and its ``metadata.labkit.lab``). Ev
 trains (1, 3, 4, 5, 6) gives its :class:`labkit.widgets.ExperimentPanel` the same interface:
 
 - ``controls()``: the panel's knobs, name -> widget;
-- ``defaults(profile)``: the knob values of the smoke, short and paper profiles;
+- ``defaults(profile)``: the knob values of the smoke, cpu, short and paper profiles;
 - ``validate(values)``: why the knobs cannot run, as messages (empty when they can);
 - ``grid(values)``: the runs the knobs ask for, a list of :class:`labkit.train.TrainConfig`;
 - ``label(config)``: a run's name in the panel's plot and table;
