@@ -4,7 +4,8 @@
     python benchmarks/bench_labs.py --labs lab3 lab6 --profile short --timeout 3000
     python benchmarks/bench_labs.py --plan                # what each lab's defaults would train
 
-Each lab executes in a fresh kernel (nbclient) with ``LABKIT_PROFILE``, ``LABKIT_DATA`` and
+Each lab (its source in ``labs/source/``, with the solutions, so every cell runs) executes in
+a fresh kernel (nbclient) with ``LABKIT_PROFILE``, ``LABKIT_DATA`` and
 ``LABKIT_RESULTS`` set, as a student's *Run All* on a hub would, and no widget touched. Outside
 the smoke profile the data are CIFAR-format files that :func:`labkit.data.make_fake_cifar`
 writes at CIFAR's full size (50,000 training and 10,000 test images) into ``<workdir>/data``,
@@ -43,12 +44,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-LABS_DIR = ROOT / "labs"
+LABS_DIR = ROOT / "labs" / "source"  # the labs with their solutions, which run top to bottom
 FULL_SIZE = {"n_train": 50_000, "n_test": 10_000}
 
 
 def lab_paths() -> dict[str, Path]:
-    """The lab notebooks in ``labs/``, by name (file stem)."""
+    """The lab notebooks in ``labs/source/`` (with solutions), by name (file stem)."""
     return {p.stem: p for p in sorted(LABS_DIR.glob("*.ipynb"))}
 
 

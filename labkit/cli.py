@@ -7,6 +7,7 @@ Examples::
     labkit train --dataset cifar10 --model resnet44 --optimizer adam --lr 1e-3 \\
         --batch-size 128 --epochs 200 --set eta=3 --out runs/adam-eta3
     labkit sweep grid.yaml --out runs/bs-sweep --dry-run
+    labkit sweep grid.yaml --out /shared/runs/bs-sweep --ray ray://head:10001
     labkit critical --optimizer shb --lr 0.1 --beta 0.9 --eps 0.5 --sfo 512:2.1e6 1024:1.9e6
     labkit critical --results runs/sfo-sweep --eps 0.5
     labkit critical measure --dataset cifar100 --optimizer shb --lr 0.1 --set beta=0.9 \\
@@ -17,19 +18,32 @@ Examples::
 
 ``labkit grade`` never imports torch: :func:`main` builds its parser alone
 (:func:`build_grade_parser`), without the training modules the other subcommands need.
+
+Errors are one line on stderr, never a traceback: bad input gets argparse's usage line and the
+error, a problem of the environment (a missing data set, a busy or damaged folder, a full
+disk) ``labkit CMD: error: ...``. Anything else is a bug of labkit's: one line says so and
+where to report it; ``LABKIT_DEBUG=1`` prints the traceback of every error as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import platform
 import sys
+import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from labkit import __version__
+
+#: Where bugs are reported (the book's repository, _config.yml).
+ISSUES_URL = "https://github.com/labkit-course/labkit/issues"
+DEBUG_VARIABLE = "LABKIT_DEBUG"
 
 
 def parse_value(text: str) -> Any:
@@ -122,6 +136,7 @@ def add_run_options(p: argparse.ArgumentParser, profiles: Sequence[str]) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from labkit.data import DATASET_NAMES as CIFAR_NAMES
     from labkit.models import MODEL_NAMES
     from labkit.optim import OPTIMIZER_NAMES
     from labkit.train import DATASETS, PROFILES
@@ -141,9 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one run. Re-running the same command on the same --out folder "
         "resumes after the last finished epoch, or prints the stored result.",
     )
-    t.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    t.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: digits (scikit-learn's handwritten digits) for --profile cpu, "
+                   "else cifar10")
     t.add_argument("--model", choices=MODEL_NAMES, default=None,
-                   help="default: tiny for --profile smoke, else the paper's model")
+                   help="default: tiny for --profile smoke and on the digits, else the "
+                   "paper's model")
     t.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd")
     t.add_argument("--lr", type=_float, default=0.1, help="initial learning rate (default 0.1)")
     t.add_argument("--batch-size", type=_positive_int, default=None)
@@ -174,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or what is missing and how to fix it. Exit status 1 when one is missing or unusable.",
     )
     d.add_argument("names", nargs="*", type=_dataset_name, metavar="NAME",
-                   help=f"{' and/or '.join(DATASETS)} (default: both)")
+                   help=f"{' and/or '.join(CIFAR_NAMES)} (default: both)")
     d.add_argument("--data-root", default=None,
                    help="default: $LABKIT_DATA or ~/.cache/labkit/data")
     d.add_argument("--download", action="store_true",
@@ -184,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dataset_name(text: str) -> str:
-    from labkit.train import DATASETS
+    from labkit.data import DATASET_NAMES as DATASETS
 
     if text not in DATASETS:
         raise argparse.ArgumentTypeError(
@@ -212,6 +230,7 @@ def _sfo_pair(text: str) -> tuple[int, float]:
 
 def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
     from labkit.critical import OPTIMIZERS as CRITICAL_OPTIMIZERS
+    from labkit.experiments.sweep import MAX_POINTS
     from labkit.sharpness import NORMS
 
     s = sub.add_parser(
@@ -233,11 +252,21 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
                    "identity: runs made with another device setting are not reused)")
     s.add_argument("--dry-run", action="store_true",
                    help="list the points and which are already done; train nothing")
+    s.add_argument("--max-points", type=_positive_int, default=MAX_POINTS, metavar="N",
+                   help=f"refuse a grid of more than N points (default {MAX_POINTS:,}), "
+                   "counted before it is expanded")
     s.add_argument("--quiet", action="store_true", help="no per-point lines")
     s.add_argument("--no-pack", action="store_true",
                    help="train one point at a time (by default points that share model, data "
                    "set, batch sizes and epochs and use sgd/shb/nshb train as packs, each run "
                    "exactly as alone)")
+    s.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the points as tasks on a Ray cluster: auto (one started here with "
+                   "ray start), ray://HOST:PORT, HOST:PORT or local (start one for this sweep); "
+                   "DIR must be on a filesystem every node sees (needs labkit[ray])")
+    s.add_argument("--gpus-per-point", type=_float, default=None, metavar="N",
+                   help="with --ray: GPUs each point requests (default: 1 on a cluster with "
+                   "GPUs, else 0); a fraction such as 0.25 runs 4 small points per GPU")
     s.set_defaults(subparser=s)
 
     c = sub.add_parser(
@@ -367,6 +396,10 @@ def _add_grade_parser(sub: Any) -> None:
                    help="with --execute: kernel name (default: the notebook's, else python3)")
     g.add_argument("--save-executed", default=None, metavar="DIR",
                    help="with --execute: keep the executed notebooks in DIR")
+    g.add_argument("--results", default=None, metavar="DIR",
+                   help="with --execute: where the labs train (and reuse) their runs, outside "
+                   "the submissions (default: $LABKIT_RESULTS, else "
+                   "~/.cache/labkit/grading-results); never a folder found in a submission")
     g.add_argument("--source", default=None, metavar="SOURCE.ipynb",
                    help="with --execute: the lab's source version, whose locked cells (with "
                    "the hidden tests nbgrader's release strips) are run (default: LAB when it "
@@ -390,24 +423,52 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def _unwritable(path: str, kind: str) -> str | None:
+    """Why ``path`` cannot become a file (``kind="file"``) or a folder, or None."""
+    p = Path(path)
+    flag = "--out" if kind == "file" else "--feedback"
+    if kind == "file" and p.is_dir():
+        return (f"{flag} {path} is a folder; name the CSV file to write, e.g. "
+                f"{p / 'gradebook.csv'}")
+    if kind == "folder" and p.exists() and not p.is_dir():
+        return f"{flag} {path} is a file; name a folder (it is created when missing)"
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{flag} {path}: {parent} is a file, so nothing can be created under it"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{flag} {path}: {parent} is not writable"
+            break
+    return None
+
+
 def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from labkit.grading import (
         grade_submissions,
         load_release,
         load_source,
+        results_folder,
         write_feedback,
         write_gradebook,
     )
 
     if not args.execute:
         for flag, value in (("--timeout", args.timeout), ("--kernel", args.kernel),
-                            ("--save-executed", args.save_executed), ("--source", args.source)):
+                            ("--save-executed", args.save_executed), ("--source", args.source),
+                            ("--results", args.results)):
             if value is not None:
                 parser.error(f"{flag} only applies with --execute")
     timeout = 600.0 if args.timeout is None else args.timeout
+    # Where the results go is checked before anything is graded (grading can take hours).
+    problem = _unwritable(args.out, "file") or (
+        _unwritable(args.feedback, "folder") if args.feedback else None)
+    if problem:
+        parser.error(problem)
     try:
         source = None
         if args.execute:
+            runs = results_folder(args.results, args.submissions)
+            print(f"--execute: the labs train their runs in {runs} (shared by all submissions)")
             release = load_release(args.lab)
             source = load_source(args.source, release).path
             print(f"--execute: the locked cells run as in {source}"
@@ -419,6 +480,7 @@ def _cmd_grade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             args.submissions, args.lab, args.key, student_from=args.student_from,
             max_bytes=int(args.max_size * 2**20), execute=args.execute, timeout=timeout,
             kernel_name=args.kernel, save_executed=args.save_executed, source=source,
+            results=args.results,
         )
     except FileNotFoundError as e:
         print(f"labkit grade: error: {e}", file=sys.stderr)
@@ -469,10 +531,12 @@ def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[
         "Re-running the same command trains nothing new and resumes interrupted runs; another "
         "--eps trains only the runs that stopped before reaching it.",
     )
-    m.add_argument("--dataset", choices=DATASETS, default="cifar100",
-                   help="default cifar100 (the seed's experiment)")
+    m.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: digits for --profile cpu, else cifar100 (the seed's "
+                   "experiment)")
     m.add_argument("--model", choices=MODEL_NAMES, default=None,
-                   help="default: tiny for --profile smoke, else the paper's model")
+                   help="default: tiny for --profile smoke and on the digits, else the "
+                   "paper's model")
     m.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd",
                    help="default sgd; the C^2 bound exists for sgd, shb and nshb")
     m.add_argument("--lr", type=_float, default=0.1, help="learning rate (default 0.1)")
@@ -497,6 +561,16 @@ def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[
     m.set_defaults(subparser=m, critical_command="measure")
 
 
+def _dataset_of(args: argparse.Namespace, default: str) -> str:
+    """``--dataset``, or when it is not given the digits for ``--profile cpu`` (the only data
+    set of that profile) and ``default`` otherwise."""
+    from labkit.train import CPU_DATASET
+
+    if args.dataset is not None:
+        return args.dataset
+    return CPU_DATASET if args.profile == "cpu" else default
+
+
 def _hparams(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The ``--set KEY=VALUE`` pairs as a dict; a key given twice is an error."""
     hparams: dict[str, Any] = {}
@@ -509,12 +583,13 @@ def _hparams(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[
 
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from labkit.data import DatasetError
+    from labkit.store import DamagedFileError, FolderBusyError
     from labkit.train import Callback, TrainConfig, train
 
     hparams = _hparams(args, parser)
     config = TrainConfig(
-        dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
-        batch_size=args.batch_size, epochs=args.epochs, hparams=hparams,
+        dataset=_dataset_of(args, "cifar10"), model=args.model, optimizer=args.optimizer,
+        lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, hparams=hparams,
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
         batch_schedule=args.batch_schedule, seed=args.seed, device=args.device,
         precision=args.precision, compile=args.compile, augment=args.augment,
@@ -523,7 +598,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     )
     try:
         config = config.resolved()
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         parser.error(str(e))
 
     class _Print(Callback):
@@ -542,10 +617,16 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     try:
         result = train(config, callbacks=() if args.quiet else (_Print(),), progress=False)
-    except (FileNotFoundError, DatasetError) as e:
+    except KeyboardInterrupt:
+        where = (f"run the same command again to resume ({args.out})" if args.out
+                 else "nothing was kept (no --out folder)")
+        print(f"labkit train: interrupted; {where}", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, DatasetError, DamagedFileError, FolderBusyError,
+            ImportError) as e:
         print(f"labkit train: error: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         parser.error(str(e))
     if result.loaded:
         print(f"{args.out} already holds a finished run; loaded its result (nothing trained).")
@@ -559,8 +640,9 @@ def info(data_root: str | None = None) -> dict[str, Any]:
     import torch
     import torchvision
 
+    from labkit.data import DATASET_NAMES as DATASETS
     from labkit.data import dataset_folder, default_data_root
-    from labkit.train import DATASETS, SMOKE_FOLDER
+    from labkit.train import SMOKE_FOLDER
 
     root = Path(data_root) if data_root else default_data_root()
     cuda = torch.cuda.is_available()
@@ -579,6 +661,7 @@ def info(data_root: str | None = None) -> dict[str, Any]:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    from labkit.data import DATASET_NAMES as DATASETS
     from labkit.data import (
         DatasetError,
         dataset_folder,
@@ -586,7 +669,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
         is_generated,
         load_cifar,
     )
-    from labkit.train import DATASETS
 
     root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
     failed = 0
@@ -637,6 +719,7 @@ def _point_text(cfg: Any, keys: Sequence[str]) -> str:
 def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from labkit.data import DatasetError
     from labkit.experiments.sweep import expand_grid, load_spec, plan_sweep, run_sweep
+    from labkit.store import FolderBusyError
 
     try:
         spec = load_spec(args.grid)
@@ -649,22 +732,24 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                            ("device", args.device)):
             if value is not None:
                 base[key] = value
-        configs = expand_grid(spec)
-    except (FileNotFoundError, ValueError) as e:
+        configs = expand_grid(spec, args.max_points)
+    except (FileNotFoundError, ValueError, TypeError) as e:
         parser.error(str(e))
     keys = _varying(configs)
 
     if args.dry_run:
         note = None
         try:
-            points = plan_sweep(configs, args.out, check_data=True)
+            points = plan_sweep(configs, args.out, check_data=True, max_points=None)
         except (FileNotFoundError, DatasetError) as e:
-            points = plan_sweep(configs, args.out)
+            points = plan_sweep(configs, args.out, max_points=None)
             note = f"batch sizes not checked against the data set: {e}"
         except ValueError as e:
             parser.error(str(e))
         for p in points:
             print(f"{p.index + 1:>4}  {p.hash}  {p.status:<9} {_point_text(p.config, keys)}")
+            if p.status == "damaged":
+                print(f"      {p.error}")
         counts: dict[str, int] = {}
         for p in points:
             counts[p.status] = counts.get(p.status, 0) + 1
@@ -678,7 +763,7 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     n = len(configs)
 
     def report(p) -> None:
-        if args.quiet:
+        if args.quiet and p.status != "damaged":
             return
         final = p.result.final if p.result is not None else {}
         acc = final.get("test_acc")
@@ -689,24 +774,49 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"[{p.index + 1}/{n}] {p.hash} {what:<9}{extra}  {_point_text(p.config, keys)}",
               flush=True)
 
+    executor = None
+    if args.ray is not None:
+        from labkit.experiments.ray_executor import ClusterError, RayExecutor, import_ray
+
+        try:
+            executor = RayExecutor(args.ray, gpus_per_point=args.gpus_per_point)
+        except ValueError as e:
+            parser.error(f"--ray: {e}")
+        try:
+            import_ray()  # before any data is loaded
+        except ClusterError as e:
+            print(f"labkit sweep: error: {e}", file=sys.stderr)
+            return 1
+    elif args.gpus_per_point is not None:
+        parser.error("--gpus-per-point needs --ray ADDRESS (a local sweep uses this machine's "
+                     "device)")
     try:
         result = run_sweep(configs, args.out, progress=sys.stderr.isatty() and not args.quiet,
-                           on_run_end=report, pack=not args.no_pack)
+                           on_run_end=report, executor=executor,
+                           max_points=None, pack=not args.no_pack)
     except KeyboardInterrupt:
         print(f"labkit sweep: interrupted; run the same command again to resume ({args.out})",
               file=sys.stderr)
         return 130
-    except (FileNotFoundError, DatasetError) as e:
+    except (FileNotFoundError, DatasetError, FolderBusyError, ImportError) as e:
         print(f"labkit sweep: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
         parser.error(str(e))
+    except RuntimeError as e:  # a Ray cluster that cannot be used (ClusterError), a busy out
+        print(f"labkit sweep: error: {e}", file=sys.stderr)
+        return 1
     counts = result.counts()
     print(json.dumps({"out": result.out, "points": len(result.points), "counts": counts,
                       "stopped": result.stopped}, sort_keys=True))
     if counts.get("failed"):
         print(f"labkit sweep: {counts['failed']} point(s) failed; see the error column of "
               "labkit.experiments.load_results; re-running retries them", file=sys.stderr)
+    if counts.get("damaged"):
+        print(f"labkit sweep: {counts['damaged']} point(s) have a damaged result.json (the "
+              "lines above name them and say what to do); the other points went on",
+              file=sys.stderr)
+    if counts.get("failed") or counts.get("damaged"):
         return 1
     return 0 if result.complete else 3
 
@@ -828,6 +938,7 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
 
     from labkit.data import DatasetError
     from labkit.experiments.sfo import measure_sfo, sfo_curves
+    from labkit.store import DamagedFileError, FolderBusyError
     from labkit.train import TrainConfig
 
     # Options of the formula mode given before `measure`.
@@ -842,9 +953,9 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
         parser.error(f"--skip-epochs must be >= 0; got {args.skip_epochs}")
     hparams = _hparams(args, parser)
     config = TrainConfig(
-        dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
-        hparams=hparams, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
-        precision=args.precision, compile=args.compile, augment=args.augment,
+        dataset=_dataset_of(args, "cifar100"), model=args.model, optimizer=args.optimizer,
+        lr=args.lr, hparams=hparams, weight_decay=args.weight_decay, seed=args.seed,
+        device=args.device, precision=args.precision, compile=args.compile, augment=args.augment,
         rotate=args.rotate, data_root=args.data_root, download=args.download,
         profile=args.profile,
     )
@@ -873,7 +984,8 @@ def _cmd_critical_measure(args: argparse.Namespace, parser: argparse.ArgumentPar
         print(f"labkit critical measure: interrupted; run the same command again to resume "
               f"({args.out})", file=sys.stderr)
         return 130
-    except (FileNotFoundError, DatasetError) as e:
+    except (FileNotFoundError, DatasetError, DamagedFileError, FolderBusyError,
+            ImportError) as e:
         print(f"labkit critical measure: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:
@@ -914,7 +1026,7 @@ def _cmd_sharpness(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             selection=args.selection, n_iters=args.n_iters, seed=args.seed, device=args.device,
             data_root=args.data_root, cache=args.cache,
         )
-    except (FileNotFoundError, DatasetError) as e:
+    except (FileNotFoundError, DatasetError, ImportError) as e:
         print(f"labkit sharpness: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
@@ -929,8 +1041,54 @@ def _cmd_sharpness(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each (``labkit: warning: ...``), without the source line."""
+    print(f"labkit: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _environment_error(e: OSError) -> str:
+    """One line for an error of the machine (full disk, no permission, ...)."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on the device{where}; free some space and run the same "
+                "command again (an interrupted run resumes from its last checkpoint)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write{where}: {e.strerror}; choose a folder you can write"
+    return f"{e.strerror or e}{where}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 error, 2 bad input, 3 not
+    complete, 130 interrupted). Errors are one line each (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else "labkit"
+    debug = os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _show_warning
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+            print(f"labkit {command}: interrupted", file=sys.stderr)
+            return 130
+        except OSError as e:
+            if debug:
+                traceback.print_exc()
+            print(f"labkit {command}: error: {_environment_error(e)}", file=sys.stderr)
+            return 1
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            what = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"labkit {command}: internal error (a bug in labkit {__version__}): "
+                  f"{type(e).__name__}: {what}. Please report it at {ISSUES_URL} with the "
+                  f"traceback that {DEBUG_VARIABLE}=1 prints", file=sys.stderr)
+            return 1
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["grade"]:
         # Grading must not import torch or the training code: it gets a parser of its own.
         grade_parser = build_grade_parser()

@@ -27,7 +27,9 @@ Where the files come from. ``root=None`` means :func:`default_data_root` (``$LAB
 ``~/.cache/labkit/data``). ``download=True`` asks torchvision to fetch the official archive and
 check its MD5 sums; the files are then read by this module. :func:`make_fake_cifar` writes a small
 learnable dataset in exactly the official on-disk layout, so tests and the "smoke" lab profile
-run the same loading path as the real data on machines without network.
+run the same loading path as the real data on machines without network; it writes into a
+temporary folder that is renamed into place, under a lock, so a killed or concurrent first run
+never leaves a half-written data set (:func:`ensure_fake_cifar` detects and rewrites one).
 
 The first load converts the pickles into ``<root>/<folder>/labkit-cache.pt``; later loads read that
 file instead, as long as the sizes and modification times of the source files are unchanged. The
@@ -42,10 +44,13 @@ only point ``root`` / ``LABKIT_DATA`` at folders you trust. The cache is read wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import pickle
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -56,6 +61,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labkit import store
+
 __all__ = [
     "CifarData",
     "DatasetError",
@@ -63,6 +70,7 @@ __all__ = [
     "crop_flip",
     "dataset_folder",
     "default_data_root",
+    "ensure_fake_cifar",
     "is_generated",
     "iterate_batches",
     "load_cifar",
@@ -75,6 +83,9 @@ __all__ = [
 
 DATASET_NAMES = ("cifar10", "cifar100")
 CACHE_FILENAME = "labkit-cache.pt"
+#: Written last into a generated data set's folder (its sizes and seed, each file's size): a
+#: folder without it, or whose files do not have those sizes, is not whole.
+GENERATED_MARKER = "labkit-generated.json"
 _CACHE_VERSION = 1
 _SYNTHETIC_TAG = "labkit synthetic"
 
@@ -417,6 +428,12 @@ def _load_cache(path: Path, spec: _Spec, sources: dict[str, list[int]]) -> dict[
     return obj if ok else None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _save_cache(path: Path, arrays: dict[str, Any], sources: dict[str, list[int]]) -> None:
     payload = {**arrays, "sources": sources, "version": _CACHE_VERSION}
     tmp = None
@@ -424,6 +441,7 @@ def _save_cache(path: Path, arrays: dict[str, Any], sources: dict[str, list[int]
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".labkit-cache-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared data folder
         os.replace(tmp, path)
     except (OSError, RuntimeError):
         # A read-only (e.g. shared instructor) folder or a full disk: run without a cache.
@@ -723,9 +741,15 @@ def make_fake_cifar(
     if seed < 0:
         raise ValueError(f"seed={seed} must be a non-negative integer")
     folder = dataset_folder(root, name)
-    _check_not_real(folder, spec)
-    folder.mkdir(parents=True, exist_ok=True)
+    with _generation_lock(folder):
+        _check_not_real(folder, spec)
+        _generate(folder, spec, n_train, n_test, seed)
+    return folder
 
+
+def _generate(folder: Path, spec: _Spec, n_train: int, n_test: int, seed: int) -> None:
+    """Write the generated data set into a temporary folder beside ``folder``, then rename it
+    into place, so ``folder`` is never half written (hold :func:`_generation_lock`)."""
     num_classes = len(spec.classes)
     rng = np.random.default_rng(seed)
     train_x, train_y = _synthesize(rng, n_train, num_classes)
@@ -772,10 +796,91 @@ def make_fake_cifar(
             "coarse_label_names": list(CIFAR100_COARSE_CLASSES),
         }
 
-    # Remove a cache first: it describes the files about to be replaced.
-    (folder / CACHE_FILENAME).unlink(missing_ok=True)
-    for fname, entry in files.items():
-        (folder / fname).write_bytes(_py2_pickle(entry))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared data folder
+    try:
+        sizes = {}
+        for fname, entry in files.items():
+            payload = _py2_pickle(entry)
+            (tmp / fname).write_bytes(payload)
+            sizes[fname] = len(payload)
+        marker = {"name": spec.name, "n_train": n_train, "n_test": n_test, "seed": seed,
+                  "sizes": sizes}
+        (tmp / GENERATED_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n")
+        if folder.exists():  # a generated (checked by the caller) or broken folder: replace it
+            old = folder.with_name(f".{folder.name}.{os.getpid()}.old.tmp")
+            os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Temporary folders of a generator that was killed (none runs: the lock is held)."""
+    for p in folder.parent.glob(f".{folder.name}.*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _generation_lock(folder: Path) -> Iterator[None]:
+    """Wait for, then hold, the lock that serializes generating ``folder`` across processes."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder.with_name(f".{folder.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        store.lock_file(fd, wait=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _generated_intact(folder: Path, spec: _Spec) -> bool:
+    """Whether ``folder`` holds a whole data set: one of :func:`make_fake_cifar` with its
+    completion marker and every file at its recorded size, or (written before labkit kept
+    the marker, or by other means) a folder whose every file reads."""
+    marker = folder / GENERATED_MARKER
+    if marker.is_file():
+        try:
+            sizes = json.loads(marker.read_text())["sizes"]
+            return all((folder / f).is_file() and (folder / f).stat().st_size == sizes[f]
+                       for f in spec.files)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+    try:
+        _parse_folder(spec, folder)
+    except (OSError, DatasetError):
+        return False
+    return True
+
+
+def ensure_fake_cifar(
+    root: str | os.PathLike,
+    name: str = "cifar10",
+    n_train: int = 512,
+    n_test: int = 256,
+    seed: int = 0,
+) -> Path:
+    """The folder of the generated data set ``name`` under ``root``, written by
+    :func:`make_fake_cifar` unless a whole one is already there; return it.
+
+    Safe when several processes start at once (they wait for one another) and after a
+    generator was killed: a half-written folder is detected and written again. A whole data
+    set already there (of any size, e.g. the real files) is left as it is.
+    """
+    spec = _spec(name)
+    folder = dataset_folder(root, name)
+    if (folder / GENERATED_MARKER).is_file() and _generated_intact(folder, spec):
+        return folder  # the common case, without waiting for the lock
+    with _generation_lock(folder):
+        if folder.is_dir() and _generated_intact(folder, spec):
+            return folder
+        _check_not_real(folder, spec)
+        _generate(folder, spec, n_train, n_test, seed)
     return folder
 
 

@@ -70,11 +70,13 @@ __all__ = [
     "find_submissions",
     "grade_notebook",
     "grade_submissions",
+    "grader_results_root",
     "key_candidates",
     "load_key",
     "load_release",
     "load_source",
     "read_notebook",
+    "results_folder",
     "source_candidates",
     "write_feedback",
     "write_gradebook",
@@ -1946,10 +1948,46 @@ def _not_answered(nb: Any, release: Release, q: Question,
 # ---------------------------------------------------------------------------------------------
 
 
+def grader_results_root() -> Path:
+    """The grader's own results folder, ``~/.cache/labkit/grading-results``: where the labs keep
+    the runs they train while being graded (``labkit grade --execute``, nbgrader's autograde)
+    when ``LABKIT_RESULTS`` is unset. A lab otherwise keeps its runs beside the notebook, which
+    during grading is the student's submission folder: finished runs found there would be
+    reloaded instead of trained, and a student could ship them."""
+    return Path.home() / ".cache" / "labkit" / "grading-results"
+
+
+def results_folder(results: str | Path | None, submissions: Iterable[str | Path]) -> Path:
+    """The results folder the kernels of ``--execute`` get as ``LABKIT_RESULTS``: ``results``,
+    else ``$LABKIT_RESULTS``, else :func:`grader_results_root`; as an absolute path.
+
+    Raises:
+        ValueError: the folder is one of the submissions' folders or inside one (a folder
+            given is a class of submissions; a notebook given, the folder holding it), where a
+            student's files would be loaded as finished runs.
+    """
+    chosen = results if results is not None else os.environ.get("LABKIT_RESULTS", "").strip()
+    folder = Path(chosen or grader_results_root()).expanduser().resolve()
+    for given in submissions:
+        given = Path(given).expanduser().resolve()
+        root = given if given.is_dir() else given.parent
+        if folder == root or root in folder.parents:
+            raise ValueError(
+                f"the results folder {folder} is inside the submissions folder {root}, where a "
+                "student's files would be loaded as finished runs: pass --results DIR (or set "
+                "LABKIT_RESULTS) to a folder outside the submissions")
+    return folder
+
+
 def execute_notebook(nb: Any, release: Release, *, timeout: float = DEFAULT_TIMEOUT,
                      kernel_name: str | None = None, cwd: str | Path | None = None,
-                     source: Release | None = None) -> tuple[Any, list[str]]:
+                     source: Release | None = None,
+                     results: str | Path | None = None) -> tuple[Any, list[str]]:
     """Run a copy of ``nb`` top to bottom in a fresh kernel (nbclient) and return it with flags.
+
+    The kernel runs in ``cwd`` with ``LABKIT_RESULTS`` set to ``results`` (default: the
+    caller's ``$LABKIT_RESULTS``, else :func:`grader_results_root`), so the lab trains, or
+    reloads, its runs in the grader's folder and never in one it finds beside the notebook.
 
     THIS RUNS THE STUDENT'S CODE with the caller's permissions. Every locked cell is first
     replaced by its text in ``source`` (default ``release``), as nbgrader's autograde does: a
@@ -1988,8 +2026,9 @@ def execute_notebook(nb: Any, release: Release, *, timeout: float = DEFAULT_TIME
         nb, timeout=timeout, kernel_name=name, allow_errors=True,
         resources={"metadata": {"path": str(cwd) if cwd is not None else "."}},
     )
+    env = {**os.environ, "LABKIT_RESULTS": str(results_folder(results, []))}
     try:
-        client.execute()
+        client.execute(env=env)
     except CellTimeoutError:
         flags.append(f"--execute: a cell ran longer than {timeout:g} s; the run stopped there")
     except DeadKernelError as e:
@@ -2035,6 +2074,7 @@ def grade_submissions(
     kernel_name: str | None = None,
     save_executed: str | Path | None = None,
     source: str | Path | None = None,
+    results: str | Path | None = None,
 ) -> list[GradeResult]:
     """Grade every submission under ``paths`` against the ``lab`` (the version the students
     received, or its source) and its key.
@@ -2044,11 +2084,14 @@ def grade_submissions(
     With ``execute=True`` (off by default), each notebook is first re-run with
     :func:`execute_notebook`, which runs the student's code, with the locked cells (and hidden
     tests) of ``source`` (default: :func:`load_source`'s choice); ``save_executed`` is a folder
-    that receives the executed copies as ``<student>.ipynb``.
+    that receives the executed copies as ``<student>.ipynb``; the labs keep their runs in
+    ``results`` (:func:`results_folder`: default ``$LABKIT_RESULTS``, else
+    :func:`grader_results_root`), shared by all submissions.
 
     Raises:
         FileNotFoundError: if the lab, the key or the source is missing.
-        ValueError: if the lab, the key, the source or ``student_from`` is malformed.
+        ValueError: if the lab, the key, the source or ``student_from`` is malformed, or (with
+            ``execute``) the results folder lies inside the submissions.
     """
     release = load_release(lab)
     if not isinstance(key, Key):
@@ -2058,6 +2101,8 @@ def grade_submissions(
     if max_bytes is not None and not (isinstance(max_bytes, int) and max_bytes > 0):
         raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
     locked = load_source(source, release) if execute else release
+    paths = list(paths)
+    runs = results_folder(results, paths) if execute else None
     subs = sorted(find_submissions(paths, release.lab, student_from),
                   key=lambda s: (s.student, s.path.as_posix()))
     results: list[GradeResult] = []
@@ -2065,7 +2110,7 @@ def grade_submissions(
     for sub in subs:
         try:
             result = _grade_one(sub, release, key, max_bytes, execute, timeout, kernel_name,
-                                save_executed, locked)
+                                save_executed, locked, runs)
         except Exception as e:  # noqa: BLE001 - one odd submission must not stop the batch
             error = f"could not be graded: {type(e).__name__}: {str(e)[:200]}"
             result = GradeResult(sub.student, sub.path, key, _zero(key, error), error=error)
@@ -2083,7 +2128,8 @@ def _zero(key: Key, reason: str) -> list[QuestionResult]:
 
 def _grade_one(sub: Submission, release: Release, key: Key, max_bytes: int | None,
                execute: bool, timeout: float, kernel_name: str | None,
-               save_executed: str | Path | None, source: Release) -> GradeResult:
+               save_executed: str | Path | None, source: Release,
+               results: Path | None) -> GradeResult:
     flags = list(sub.flags)
     if sub.error:
         return GradeResult(sub.student, sub.path, key, _zero(key, sub.error), flags,
@@ -2094,7 +2140,7 @@ def _grade_one(sub: Submission, release: Release, key: Key, max_bytes: int | Non
             return GradeResult(sub.student, sub.path, key, _zero(key, error), flags, error=error)
         if execute:
             nb, ran = execute_notebook(nb, release, timeout=timeout, kernel_name=kernel_name,
-                                       cwd=sub.path.parent, source=source)
+                                       cwd=sub.path.parent, source=source, results=results)
             flags += ran
             if save_executed is not None:
                 out = Path(save_executed)

@@ -15,12 +15,12 @@ eta or growing b, is then graduated optimization. Algorithm 3 multiplies delta a
 m by ``gamma_m = ((M - m) / (M - m + 1)) ** p`` through ``eta_{m+1} = kappa_m eta_m`` and
 ``b_{m+1} = lambda_m b_m`` with ``kappa_m / sqrt(lambda_m) = gamma_m``.
 
-Indexing. The seed runs stages m = 1 .. M + 1 with gamma_m as above for m <= M; its last
-factor gamma_M = 0 makes the final delta 0, i.e. eta = 0 in the learning-rate form, which
-would stop training. We index stages from 0 and keep the M + 1 stages m = 0 .. M whose
-deltas are positive: stage m uses ``delta_m / delta_0 = prod_{k<m} gamma_k
+Indexing. Sato & Iiduka's Algorithm 3 runs stages m = 1 .. M + 1 with gamma_m as above
+for m <= M; its last factor gamma_M = 0 makes the final delta 0, i.e. eta = 0 in the
+learning-rate form, which would stop training. We index stages from 0 and keep the M + 1
+stages m = 0 .. M whose deltas are positive: stage m uses ``delta_m / delta_0 = prod_{k<m} gamma_k
 = ((M + 1 - m) / (M + 1)) ** p`` with factors gamma_k, 0 <= k < M, all in (0, 1) as the
-definition of new sigma-nice functions requires. This is the seed's schedule with M + 1
+definition of new sigma-nice functions requires. This is their schedule with M + 1
 in place of M, minus its delta = 0 stage, and it is what ``{"kind": "poly", "stages": M}``
 in :mod:`labkit.schedules` computes.
 """
@@ -261,8 +261,8 @@ def graduated_optimization(
 def gamma(m: int, M: int, p: float) -> float:
     """Decay factor ``gamma_m = ((M - m) / (M - m + 1)) ** p`` of Algorithm 3.
 
-    Valid for integers 0 <= m < M and p > 0, where gamma_m lies in (0, 1) (the seed's
-    theory takes p in (0, 1]; larger p is allowed, it just decays faster). m = M would
+    Valid for integers 0 <= m < M and p > 0, where gamma_m lies in (0, 1) (Sato &
+    Iiduka's theory takes p in (0, 1]; larger p is allowed, it just decays faster). m = M would
     give 0 (delta = 0), which the module docstring explains we leave out.
     """
     if isinstance(M, bool) or not isinstance(M, int) or M < 1:
@@ -429,7 +429,7 @@ def step_schedule(
     Every ``every`` epochs: ``mode="lr"``: lr x 1/sqrt(2); ``"batch"``: b x 2;
     ``"hybrid"``: lr x sqrt(3)/2 and b x 1.5. Each shrinks delta = lr C / sqrt(b) by exactly
     1/sqrt(2) per stage (for the hybrid, (sqrt(3)/2) / sqrt(1.5) = 1/sqrt(2)) as long as the
-    batch sizes stay integers (b0 = 32 as in the seed: 32, 48, 72, 108, 162).
+    batch sizes stay integers (b0 = 32 as in Sato & Iiduka's runs: 32, 48, 72, 108, 162).
 
     Timing, as in the authors' code (naoki-sato3/new-sigma-nice ``cifar.py``, lines 115-133):
     the learning rate decays at the 0-based epochs every, 2 every, ... (``StepLR`` stepped

@@ -1,11 +1,13 @@
-"""Image classifiers for 32x32 inputs: the CIFAR ResNets of the labs and a tiny CNN.
+"""Image classifiers: the CIFAR ResNets of the labs and a tiny CNN (also for 8x8 digits).
 
 Book: the labs of chapters 4 and 8 (models, not equations). Which lab uses which model:
 
 * lab 1 (optimizer zoo, the power-eta thesis): ``resnet44`` on CIFAR-10;
 * labs 3-6 (critical batch size, smoothing and generalization, implicit graduated
   optimization, sharpness; Sato & Iiduka (2024, 2023)): ``resnet18`` on CIFAR-100;
-* every lab's smoke profile (CPU, generated data, seconds): ``tiny``.
+* every lab's smoke profile (CPU, generated data, seconds): ``tiny``;
+* every lab's cpu profile (CPU, scikit-learn's 8x8 handwritten digits, minutes): ``tiny``
+  with one input channel.
 
 References:
 
@@ -32,8 +34,9 @@ tiny       24,346           30,196
 
 (The He et al. counts are the 0.27M / 0.46M / 0.66M / 0.85M of the paper's Table 6.)
 
-All models map float inputs of shape (N, 3, 32, 32), already normalized, to logits of
-shape (N, num_classes). They contain no in-place operations, so they work with
+All models map float inputs of shape (N, C, H, W), already normalized, to logits of
+shape (N, num_classes): C = 3 and 32x32 for CIFAR; C = 1 and 8x8 for the digits
+(``in_channels`` of :func:`build_model`). They contain no in-place operations, so they work with
 ``channels_last`` memory format, with bf16 autocast, and with ``torch.func.functional_call``
 + ``torch.func.vmap``. Under ``vmap`` the model must be in eval mode: BatchNorm then uses its
 running statistics and every example is processed independently, so per-example gradients
@@ -99,9 +102,9 @@ class ResNet18(nn.Module):
     initialization, as in the kuangliu/pytorch-cifar code the published runs used.
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(3, 64)
+        self.conv1 = _conv3x3(in_channels, 64)
         self.bn1 = nn.BatchNorm2d(64)
         layers: list[nn.Module] = []
         in_channels = 64
@@ -173,7 +176,7 @@ class CifarResNet(nn.Module):
     44: 658,586 / 664,436; 56: 853,018 / 858,868.
     """
 
-    def __init__(self, depth: int, num_classes: int) -> None:
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(
@@ -181,7 +184,7 @@ class CifarResNet(nn.Module):
             )
         n = (depth - 2) // 6
         self.depth = depth
-        self.conv1 = _conv3x3(3, 16)
+        self.conv1 = _conv3x3(in_channels, 16)
         self.bn1 = nn.BatchNorm2d(16)
         stages: list[nn.Module] = []
         in_channels = 16
@@ -213,12 +216,19 @@ class TinyCNN(nn.Module):
 
     24,346 parameters for 10 classes; a forward + backward pass on 256 images of 32x32 takes
     a fraction of a second on two CPU cores.
+
+    With ``in_channels=1`` it is the cpu profile's model for scikit-learn's 8x8 handwritten
+    digits (:mod:`labkit.digits`; 24,058 parameters): the two poolings take 8x8 to 4x4 to 2x2,
+    and the last conv-BN-ReLU still sees the whole digit. A wider or less pooled variant
+    (one pooling, 8x8 -> 4x4) learned the digits no better in 10 epochs and cost 1.6 to 3
+    times as much per step on one CPU core (b = 64 to 512), which the labs' sweeps of dozens
+    of runs cannot afford.
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv3x3(3, 16),
+            _conv3x3(in_channels, 16),
             nn.BatchNorm2d(16),
             nn.ReLU(),
             nn.MaxPool2d(2),
@@ -240,20 +250,21 @@ class TinyCNN(nn.Module):
 # Registry
 # --------------------------------------------------------------------------------------
 
-_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet18": ResNet18,
-    "resnet20": lambda num_classes: CifarResNet(20, num_classes),
-    "resnet32": lambda num_classes: CifarResNet(32, num_classes),
-    "resnet44": lambda num_classes: CifarResNet(44, num_classes),
-    "resnet56": lambda num_classes: CifarResNet(56, num_classes),
+    "resnet20": lambda num_classes, in_channels: CifarResNet(20, num_classes, in_channels),
+    "resnet32": lambda num_classes, in_channels: CifarResNet(32, num_classes, in_channels),
+    "resnet44": lambda num_classes, in_channels: CifarResNet(44, num_classes, in_channels),
+    "resnet56": lambda num_classes, in_channels: CifarResNet(56, num_classes, in_channels),
     "tiny": TinyCNN,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """Build the model ``name`` (one of ``MODEL_NAMES``) with a ``num_classes``-way head.
+def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build the model ``name`` (one of ``MODEL_NAMES``) with a ``num_classes``-way head for
+    images of ``in_channels`` channels (3 for CIFAR, 1 for the digits).
 
     The model is returned on the CPU in float32 and train mode; move it with ``.to(device)``.
     Raises ValueError for an unknown name or a ``num_classes`` that is not an int >= 2.
@@ -262,7 +273,9 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         raise ValueError(f"unknown model name={name!r}; valid names: {', '.join(MODEL_NAMES)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got num_classes={num_classes!r}")
-    return _BUILDERS[name](num_classes)
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be an int >= 1, got in_channels={in_channels!r}")
+    return _BUILDERS[name](num_classes, in_channels)
 
 
 def num_parameters(model: nn.Module) -> int:

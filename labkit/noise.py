@@ -304,8 +304,8 @@ def gradient_variance(
     mini-batch of b
     examples drawn with replacement then has E||grad f_S(x) - grad f(x)||^2 = C^2 / b exactly
     (Theorem 3.1 with equality), and without replacement C^2 / b * (n - b) / (n - 1).
-    The seed's C^2_opt bounds this at every iterate of a run, so a value measured at one point
-    is a lower bound on it; measure at several checkpoints and take the largest.
+    Sato & Iiduka's (2024) C^2_opt bounds this at every iterate of a run, so a value measured
+    at one point is a lower bound on it; measure at several checkpoints and take the largest.
 
     Per-example gradients come from ``torch.func`` (``vmap`` over ``grad`` of a
     ``functional_call``), ``chunk_size`` examples at a time, so memory is about
@@ -493,10 +493,11 @@ class DirectionNoiseTracker:
 
     with m_{-1} = d_{-1} = 0, and, on measured steps, computes the full gradient grad f(x_t) over
     ``data`` at the same point x_t (before the optimizer moves it) and records
-    ||direction_t - grad f(x_t)||. As in the seed, omega is taken against grad f(x_t) itself,
-    not against a rescaled gradient: in steady state m_t is about grad f / (1 - beta), so the SHB
-    noise carries a bias of about beta / (1 - beta) grad f(x_t). That bias is why K^2 enters
-    delta_SHB (eq. (13)) and not delta_NSHB (eq. (14)), whose d_t is a convex combination.
+    ||direction_t - grad f(x_t)||. As in Sato & Iiduka (2024), omega is taken against
+    grad f(x_t) itself, not against a rescaled gradient: in steady state m_t is about
+    grad f / (1 - beta), so the SHB noise carries a bias of about beta / (1 - beta) grad f(x_t).
+    That bias is why K^2 enters delta_SHB (eq. (13)) and not delta_NSHB (eq. (14)), whose d_t
+    is a convex combination.
     Multiplying a recorded noise by the learning rate gives an empirical smoothing degree
     eta ||omega_t|| to set beside eqs. (12)-(14).
 

@@ -97,7 +97,8 @@ def _key(k: Any, where: str) -> str:
     )
 
 
-def record(name: str, value: Any) -> None:
+def record(name: str, value: Any, *, display_id: str | None = None,
+           update: bool = False) -> None:
     """Display ``value`` as a labkit record named ``name``.
 
     Args:
@@ -105,6 +106,10 @@ def record(name: str, value: Any) -> None:
             characters), e.g. ``"best_eta"``.
         value: numbers, strings, booleans, None, lists and dicts of them (numpy/torch values
             are converted; non-finite floats become None).
+        display_id: give the output this display id, so that a later call with
+            ``update=True`` replaces it in place (a panel's record of the knobs of its
+            latest run, :meth:`labkit.widgets.ControlPanel.record_inputs`).
+        update: replace the output of ``display_id`` instead of adding one.
 
     The payload ``{"name": name, "value": <value as JSON>, "labkit_version": ...}`` is also kept
     in :func:`recorded`. Nothing is returned, so that a record as a cell's last line shows once.
@@ -133,8 +138,13 @@ def record(name: str, value: Any) -> None:
         return
     if get_ipython() is None:
         print(text)
+    elif update and display_id is not None:
+        from IPython.display import update_display
+
+        update_display({MIME_TYPE: payload, "text/plain": text}, raw=True,
+                       display_id=display_id)
     else:
-        display({MIME_TYPE: payload, "text/plain": text}, raw=True)
+        display({MIME_TYPE: payload, "text/plain": text}, raw=True, display_id=display_id)
 
 
 def recorded() -> dict[str, dict[str, Any]]:

@@ -148,7 +148,7 @@ def _validate(spec: Any, kinds: dict[str, dict[str, Any]], what: str) -> dict:
             f"{what} schedule {spec!r} has no 'kind'; valid kinds: {', '.join(kinds)}"
         )
     kind = spec["kind"]
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         raise ValueError(
             f"unknown {what} schedule kind {kind!r}; valid kinds: {', '.join(kinds)}"
         )
@@ -249,7 +249,10 @@ def lr_at(spec: dict | None, lr0: float, epoch: int, epochs: int) -> float:
     if kind == "constant":
         return float(lr0)
     if kind == "step":
-        return lr0 * spec["factor"] ** (epoch // spec["every"])
+        try:
+            return lr0 * spec["factor"] ** (epoch // spec["every"])
+        except OverflowError:  # a factor > 1 over many steps: as large as a float gets
+            return math.inf
     if kind == "cosine":
         lo = spec["min_lr"]
         return lo + (lr0 - lo) * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
@@ -271,7 +274,16 @@ def batch_size_at(spec: dict | None, b0: int, epoch: int, epochs: int) -> int:
         return b0
     if kind == "step":
         grown = max(epoch - spec.get("delay", 0), 0) // spec["every"]
-        return round_batch_size(b0 * spec["factor"] ** grown, spec["max"])
+        try:
+            b = b0 * spec["factor"] ** grown
+        except OverflowError:
+            b = math.inf
+        if spec["max"] is None and not math.isfinite(b):
+            raise ValueError(
+                f"batch schedule 'step' with factor {spec['factor']:g} every {spec['every']} "
+                f"epoch(s) makes the batch size of epoch {epoch + 1} overflow; use a smaller "
+                "factor or cap it with max")
+        return round_batch_size(min(b, spec["max"] or b), spec["max"])
     m, n_phases = _phase(spec, epoch, epochs)
     return round_batch_size(b0 / poly_factor(m, n_phases - 1, spec["power"]) ** 2, spec["max"])
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import data as lk_data
+from labkit import digits as lk_digits
 from labkit import models as lk_models
 from labkit import optim as lk_optim
 from labkit import schedules as lk_schedules
@@ -54,14 +55,17 @@ from labkit import store
 from labkit.precision import autocast_dtype, strict_fp32
 from labkit.store import RUN_FILES, atomic_write_json  # noqa: F401  (part of this module's API)
 
-PROFILES = ("smoke", "short", "paper")
+PROFILES = ("smoke", "cpu", "short", "paper")
 PRECISIONS = ("auto", "fp32", "bf16", "fp64")
-DATASETS = ("cifar10", "cifar100")
+DATASETS = ("cifar10", "cifar100", "digits")
 
 #: Defaults a profile fills in for the fields left as ``None`` in a :class:`TrainConfig`.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # CPU-friendly: generated CIFAR-format data, the tiny CNN, a few hundred images.
     "smoke": {"model": "tiny", "epochs": 4, "batch_size": 64},
+    # CPU, minutes: real data that ships with scikit-learn (the 8x8 handwritten digits,
+    # labkit.digits) and the small CNN made for them.
+    "cpu": {"model": None, "epochs": 30, "batch_size": 64},
     # One GPU, minutes: the paper's model on the real data, few epochs.
     "short": {"model": None, "epochs": 15, "batch_size": 128},
     # The seeds' full scale.
@@ -70,6 +74,11 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: The model each paper trains on each data set (the power-eta thesis: ResNet-44 on CIFAR-10;
 #: Sato & Iiduka (2023, 2024): ResNet-18 on CIFAR-100).
 PAPER_MODEL = {"cifar10": "resnet44", "cifar100": "resnet18"}
+#: The model a run gets when its profile names none: the paper's on CIFAR, on the digits the CNN
+#: with one input channel (:class:`labkit.models.TinyCNN`).
+DEFAULT_MODEL = {**PAPER_MODEL, "digits": "tiny"}
+#: The data set of the cpu profile (it trains on nothing else).
+CPU_DATASET = "digits"
 #: The largest random rotation (degrees) of each paper's augmentation, what ``rotate=None``
 #: resolves to when ``augment`` is on. Sato & Iiduka's code rotates its CIFAR-100 training images
 #: by a uniform angle in [-15, 15] degrees after the crop and the flip
@@ -77,7 +86,12 @@ PAPER_MODEL = {"cifar10": "resnet44", "cifar100": "resnet18"}
 #: ``sharpness/main.py`` line 160, naoki-sato3/sigma-nice-momentum ``main.py`` line 167); the
 #: articles do not mention it. The power-eta thesis's CIFAR-10 runs are not published; labkit
 #: does not rotate them (crop and flip only, the usual recipe of He et al. 2016).
-PAPER_ROTATION = {"cifar10": 0.0, "cifar100": 15.0}
+PAPER_ROTATION = {"cifar10": 0.0, "cifar100": 15.0, "digits": 0.0}
+#: The crop padding (pixels) and the horizontal flip of ``augment`` per data set: CIFAR's
+#: 4-pixel crops and flips; on the 8x8 digits shifts of one pixel and no mirror image
+#: (:mod:`labkit.digits`).
+AUGMENTATION = {"cifar10": (4, True), "cifar100": (4, True),
+                "digits": (lk_digits.AUGMENT_PAD, lk_digits.AUGMENT_FLIP)}
 #: Size of the generated data set of the smoke profile.
 SMOKE_SIZES = {"n_train": 512, "n_test": 256}
 SMOKE_FOLDER = "labkit-smoke"
@@ -97,9 +111,11 @@ class TrainConfig:
     Fields left as ``None`` are filled in from the profile (:data:`PROFILE_DEFAULTS`).
 
     Attributes:
-        dataset: ``"cifar10"`` or ``"cifar100"``.
+        dataset: ``"cifar10"``, ``"cifar100"`` or ``"digits"`` (scikit-learn's 8x8 handwritten
+            digits, :mod:`labkit.digits`; the only data set of the ``cpu`` profile).
         model: a name from :data:`labkit.models.MODEL_NAMES`; ``None`` picks the profile's
-            (``tiny`` for ``smoke``, the paper's model otherwise).
+            (``tiny`` for ``smoke``, :data:`DEFAULT_MODEL` of the data set otherwise: the
+            paper's model on CIFAR, ``tiny`` on the digits).
         optimizer: a name from :data:`labkit.optim.OPTIMIZER_NAMES`.
         lr: initial learning rate (the ``eta`` of the book; chapter 3).
         batch_size: initial batch size ``b`` (examples per step).
@@ -117,7 +133,8 @@ class TrainConfig:
             and loss in float64, no autocast: what the exactness tests of packed runs use).
         channels_last: use the channels-last memory format; ``None`` means on CUDA only.
         compile: wrap the model in ``torch.compile``.
-        augment: random crop (4-pixel padding) and horizontal flip of training images.
+        augment: random crop (4-pixel padding) and horizontal flip of training images
+            (on the digits: 1-pixel shifts, no flip; :data:`AUGMENTATION`).
         rotate: then rotate each training image by a uniform random angle in
             [-rotate, rotate] degrees (:func:`labkit.data.random_rotate`: torchvision's
             ``RandomRotation`` defaults, nearest neighbour, black corners); ``0`` turns it off.
@@ -129,7 +146,7 @@ class TrainConfig:
             means ``$LABKIT_DATA`` or ``~/.cache/labkit/data``.
         download: fetch CIFAR with torchvision's verified download when it is missing.
         out: the run folder; ``None`` keeps everything in memory.
-        profile: ``"smoke"``, ``"short"`` or ``"paper"``.
+        profile: ``"smoke"``, ``"cpu"``, ``"short"`` or ``"paper"``.
     """
 
     dataset: str = "cifar10"
@@ -170,10 +187,16 @@ class TrainConfig:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {self.profile!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
+        if self.profile == "cpu" and self.dataset != CPU_DATASET:
+            raise ValueError(
+                f"the cpu profile trains on dataset={CPU_DATASET!r} (scikit-learn's handwritten "
+                f"digits); got dataset={self.dataset!r}: use dataset={CPU_DATASET!r} or another "
+                "profile"
+            )
         defaults = PROFILE_DEFAULTS[self.profile]
         cfg = TrainConfig(**{**_field_values(self), "hparams": dict(self.hparams)})
         if cfg.model is None:
-            cfg.model = defaults["model"] or PAPER_MODEL[cfg.dataset]
+            cfg.model = defaults["model"] or DEFAULT_MODEL[cfg.dataset]
         if cfg.epochs is None:
             cfg.epochs = defaults["epochs"]
         if cfg.batch_size is None:
@@ -378,14 +401,19 @@ class RunResult:
             "epochs_completed": len(self.metrics),
             "final": self.final,
             "config": self.config,
+            "metrics": self.metrics,
         }
 
 
 def load_run(folder: str | os.PathLike) -> RunResult:
     """Read a finished (or diverged) run folder without training.
 
+    The metrics are those of ``result.json`` (a ``metrics.jsonl`` that disagrees is reported
+    with a warning).
+
     Raises:
         FileNotFoundError: the folder has no ``result.json`` (it never finished).
+        labkit.store.DamagedFileError (a ValueError): its ``result.json`` is damaged.
     """
     folder = Path(folder)
     res = folder / "result.json"
@@ -394,11 +422,12 @@ def load_run(folder: str | os.PathLike) -> RunResult:
             f"{res} does not exist: the run in {folder} has not finished "
             "(call labkit.train on its config to start or resume it)"
         )
-    stored = json.loads(res.read_text())
+    status, metrics = store.run_state(folder)
+    stored = store.read_result(folder) or {}
     return RunResult(
-        status=stored["status"],
-        config=stored["config"],
-        metrics=store.read_jsonl(folder / store.METRICS_FILE),
+        status=status,
+        config=stored.get("config") or json.loads((folder / store.CONFIG_FILE).read_text()),
+        metrics=metrics,
         out=str(folder),
         loaded=True,
     )
@@ -459,14 +488,18 @@ def _atomic_torch_save(path: Path, obj: Any) -> None:
 
 
 def prepare_data(config: TrainConfig, device: torch.device) -> lk_data.CifarData:
-    """Load the config's data set onto the device (generating it for the smoke profile)."""
+    """Load the config's data set onto the device (generating it for the smoke profile).
+
+    Raises:
+        FileNotFoundError / labkit.data.DatasetError: CIFAR is missing or corrupt.
+        ImportError: the digits were asked for and scikit-learn is not installed.
+    """
+    if config.dataset == "digits":
+        return lk_digits.load_digits(device)
     root = Path(config.data_root) if config.data_root else lk_data.default_data_root()
     if config.profile == "smoke":
         root = root / SMOKE_FOLDER
-        name = "cifar-10-batches-py" if config.dataset == "cifar10" else "cifar-100-python"
-        folder = root / name
-        if not folder.exists():
-            lk_data.make_fake_cifar(root, name=config.dataset, seed=0, **SMOKE_SIZES)
+        lk_data.ensure_fake_cifar(root, name=config.dataset, seed=0, **SMOKE_SIZES)
     return lk_data.load_cifar(config.dataset, root=root, device=device, download=config.download)
 
 
@@ -499,8 +532,10 @@ def set_rng_state(state: dict[str, Any], gen: torch.Generator, device: torch.dev
 
 
 def epoch_images(cfg: TrainConfig, train_x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One epoch's augmented training images (uint8, like ``train_x``), drawn from ``gen``."""
-    x = lk_data.augment(train_x, gen) if cfg.augment else train_x
+    """One epoch's augmented training images (uint8, like ``train_x``), drawn from ``gen``
+    (the data set's augmentation, :data:`AUGMENTATION`)."""
+    pad, flip = AUGMENTATION[cfg.dataset]
+    x = lk_data.augment(train_x, gen, pad, flip) if cfg.augment else train_x
     if cfg.rotate:  # no random draws at 0: runs without rotation are what they were
         x = lk_data.random_rotate(x, gen, cfg.rotate)
     return x
@@ -562,8 +597,24 @@ def train(
     Raises:
         ValueError: invalid config, or a folder that holds a different run.
         FileNotFoundError / labkit.data.DatasetError: the data set is missing or corrupt.
+        labkit.store.FolderBusyError: another process is writing into ``out``.
     """
     cfg = config.resolved()
+    if not cfg.out:
+        return _train(cfg, callbacks, progress, data)
+    with store.writing(cfg.out, "a run"):
+        # Left by a writer killed while it replaced a file; no other writer is here now.
+        store.clean_temporary_files(cfg.out)
+        return _train(cfg, callbacks, progress, data)
+
+
+def _train(
+    cfg: TrainConfig,
+    callbacks: Sequence[Callback],
+    progress: bool,
+    data: lk_data.CifarData | None,
+) -> RunResult:
+    """:func:`train` of a resolved config, holding the folder's writer lock."""
     out = Path(cfg.out) if cfg.out else None
     if out is not None:
         stored = _check_folder(out, cfg)
@@ -597,7 +648,8 @@ def train(
     param_dtype, in_dtype = run_dtypes(cfg, device)
 
     torch.manual_seed(cfg.seed)
-    model = lk_models.build_model(cfg.model, data.num_classes).to(device, param_dtype)
+    model = lk_models.build_model(cfg.model, data.num_classes,
+                                  in_channels=int(data.train_x.shape[1])).to(device, param_dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model.parameters())
@@ -624,7 +676,7 @@ def train(
     metrics: list[dict[str, Any]] = []
     resumed_from = 0
     if out is not None:
-        metrics, state.step = open_run_folder(out, cfg, model, optimizer, gen, device)
+        metrics, state.step = open_run_folder(out, cfg, model, optimizer, gen, device, amp_dtype)
         resumed_from = len(metrics)
     state.metrics = metrics
     # The per-step gradient-norm log covers exactly the checkpoint's steps; none is kept for a
@@ -717,7 +769,8 @@ def train(
             metrics.append(row)
             if out is not None:
                 save_epoch(out, cfg, row, metrics, model.state_dict(), optimizer.state_dict(),
-                           rng_state(gen, device), step_norms.cpu().numpy() if log_norms else None)
+                           rng_state(gen, device), step_norms.cpu().numpy() if log_norms else None,
+                           amp_dtype)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['train_loss']:.3g}" if not diverged else "nan",
@@ -749,8 +802,12 @@ def open_run_folder(
     optimizer: torch.optim.Optimizer,
     gen: torch.Generator,
     device: torch.device,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Start a run folder, or load its checkpoint into ``model``, ``optimizer`` and ``gen``.
+
+    ``amp_dtype`` is the run's autocast dtype (None: none); a checkpoint written under another
+    one gives a warning (:func:`_check_precision`).
 
     Returns the finished epochs' metrics and the optimizer steps taken so far;
     ``metrics.jsonl`` is rewritten to hold exactly the checkpoint's rows.
@@ -760,7 +817,8 @@ def open_run_folder(
     step = 0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
-        ckpt = _load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path)
+        _check_precision(out, ckpt, amp_dtype, device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], gen, device)
@@ -785,7 +843,8 @@ def epoch_row(
     seconds: float,
 ) -> dict[str, Any]:
     """One ``metrics.jsonl`` row from an epoch's sums (train loss, train correct, test loss,
-    test correct, gradient norms); a non-finite train loss makes it a ``diverged`` row."""
+    test correct, gradient norms); any non-finite value is written as None and makes it a
+    ``diverged`` row."""
     tl, tc, vl, vc, gn = sums
     row = {
         "epoch": epoch + 1,
@@ -800,11 +859,7 @@ def epoch_row(
         "grad_norm": gn / steps if cfg.track_grad_norm else None,
         "time": seconds,
     }
-    if not math.isfinite(row["train_loss"]):
-        # JSON has no NaN; record what happened explicitly.
-        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-               for k, v in row.items()}
-        row["diverged"] = True
+    _nonfinite_to_none(row)
     return row
 
 
@@ -817,6 +872,7 @@ def save_epoch(
     optimizer_state: dict[str, Any],
     rng: dict[str, Any],
     step_norms: np.ndarray | None,
+    amp_dtype: torch.dtype | None = None,
 ) -> None:
     """Write a finished epoch: the step norms, then the checkpoint, then the metrics row
     (``metrics`` already ends with ``row``)."""
@@ -835,6 +891,7 @@ def save_epoch(
             "next_epoch": row["epoch"],
             "lr": row["lr"],
             "batch_size": row["batch_size"],
+            "autocast": _dtype_name(amp_dtype),
         },
     )
     store.append_jsonl(out / store.METRICS_FILE, row)
@@ -860,17 +917,57 @@ def finish_run(
     return result
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A run's ``checkpoint.pt``; a torn or foreign file is a one-line ``ValueError``."""
-    return _load_checkpoint(path)
+def _nonfinite_to_none(row: dict[str, Any]) -> bool:
+    """Replace the NaN and infinite values of an epoch's metrics by None (JSON has neither) and
+    mark the row ``diverged``; True when there was any. A finite training loss with a NaN test
+    loss or gradient norm is a diverged run as well."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    for k in bad:
+        row[k] = None
+    if bad:
+        row["diverged"] = True
+    return bool(bad)
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _check_precision(out: Path, ckpt: dict[str, Any], amp_dtype: torch.dtype | None,
+                     device: torch.device) -> None:
+    """Warn when a run trained so far in one arithmetic resumes in another (precision "auto"
+    is bf16 on CUDA and fp32 on the CPU, so moving a run between machines changes it)."""
+    before, now = ckpt.get("autocast"), _dtype_name(amp_dtype)
+    if before is not None and before != now:
+        import warnings
+
+        warnings.warn(
+            f"{out} was trained in {before} for {len(ckpt.get('metrics', []))} epoch(s) and "
+            f"resumes in {now} (on {device.type}): its later epochs are not those of an "
+            f"uninterrupted run; pass precision {before!r} (--precision) to keep it",
+            UserWarning, stacklevel=3)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A run's ``checkpoint.pt``, read with ``weights_only=True`` (no code a file holds runs).
+
+    Raises:
+        ValueError: the file is not a readable labkit checkpoint (the message names it).
+    """
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign file's pickle protocol
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file must not be a bare unpickling traceback
+        # torch's own message advises retrying with weights_only=False, which would run any
+        # code a foreign file holds: keep only its first line, without that advice.
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in why or "Weights only load failed" in why:
+            why = "not a checkpoint of labkit's (or a damaged one)"
         raise ValueError(
-            f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); "
+            f"cannot read the checkpoint {path} ({type(e).__name__}: {why}); "
             "delete it to restart the run from scratch"
         ) from e
 
@@ -897,10 +994,14 @@ def _check_folder(out: Path, cfg: TrainConfig) -> RunResult | None:
         raise ValueError(f"{cfg_path} is not a valid labkit run config: {e}") from e
     identity = cfg.identity()
     if stored_identity != identity:
-        diff = sorted(k for k in identity if identity[k] != stored_identity.get(k))
+        stored_full = stored_cfg.resolved().to_dict()
+        diff = sorted(k for k in {**identity, **stored_identity}
+                      if identity.get(k) != stored_identity.get(k))
+        what = ", ".join(f"{k} {stored_full.get(k)!r} there, {cfg.to_dict().get(k)!r} here"
+                         for k in diff)
         raise ValueError(
-            f"{out} holds a different run (fields that differ: {', '.join(diff)}); "
-            "choose another --out folder or delete this one"
+            f"{out} holds a different run ({what}); to resume it give the values it was "
+            "started with, else choose another --out folder or delete this one"
         )
     if (out / "result.json").exists():
         return load_run(out)

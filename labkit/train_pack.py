@@ -122,7 +122,9 @@ def run_memory(cfg: ResolvedConfig, data: lk_data.CifarData, device: torch.devic
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    model = lk_models.build_model(cfg.model, data.num_classes).to(device, param_dtype)
+    model = lk_models.build_model(cfg.model, data.num_classes,
+                                  in_channels=int(data.train_x.shape[1]))
+    model = model.to(device, param_dtype)
     pack = pack_models([model])
     opt = PackedMomentum(pack, ["shb"], [0.9], [0.0])
     amp = autocast_dtype(cfg.precision, device)
@@ -237,6 +239,23 @@ def train_pack(
             "these runs do not pack together: all must use " + "/".join(PACKABLE_OPTIMIZERS)
             + " and share " + ", ".join(_SHARED_FIELDS)
         )
+    # Each run's folder is locked for the whole pack, as train() locks it for one run.
+    with ExitStack() as locks:
+        for cfg in cfgs:
+            if cfg.out:
+                locks.enter_context(store.writing(cfg.out, "a run"))
+                store.clean_temporary_files(cfg.out)
+        return _train_pack(cfgs, callbacks, progress, data, graphs)
+
+
+def _train_pack(
+    cfgs: list[ResolvedConfig],
+    callbacks: Sequence[Callback],
+    progress: bool,
+    data: lk_data.CifarData | None,
+    graphs: bool | None,
+) -> list[RunResult]:
+    """:func:`train_pack` of resolved configs, holding every run folder's writer lock."""
     results: list[RunResult | None] = [None] * len(cfgs)
     todo = []
     for i, cfg in enumerate(cfgs):
@@ -264,7 +283,9 @@ def train_pack(
     for i in todo:
         cfg = cfgs[i]
         torch.manual_seed(cfg.seed)
-        model = lk_models.build_model(cfg.model, data.num_classes).to(device, param_dtype)
+        model = lk_models.build_model(cfg.model, data.num_classes,
+                                      in_channels=int(data.train_x.shape[1]))
+        model = model.to(device, param_dtype)
         torch_rng = torch.get_rng_state()
         optimizer = make_optimizer(cfg, model.parameters())
         gen = torch.Generator(device=device)
@@ -273,7 +294,8 @@ def train_pack(
         run = _Run(cfg, i, out, model, optimizer, gen, torch_rng,
                    RunState(cfg, model, optimizer, device, n_train))
         if out is not None:
-            run.metrics, run.state.step = open_run_folder(out, cfg, model, optimizer, gen, device)
+            run.metrics, run.state.step = open_run_folder(out, cfg, model, optimizer, gen, device,
+                                                          autocast_dtype(cfg.precision, device))
             run.resumed_from = len(run.metrics)
             run.log_norms = cfg.track_grad_norm and store.keep_grad_norms(out, run.state.step)
         run.state.metrics = run.metrics
@@ -475,7 +497,8 @@ def _train_group(
                     rng["torch"] = run.torch_rng
                     save_epoch(run.out, run.cfg, row, run.metrics, run.model.state_dict(),
                                run.optimizer.state_dict(), rng,
-                               np.ascontiguousarray(norms_host[j]) if run.log_norms else None)
+                               np.ascontiguousarray(norms_host[j]) if run.log_norms else None,
+                               amp_dtype)
                 for cb in callbacks:
                     cb.on_epoch_end(run.state, row)
                 status = None

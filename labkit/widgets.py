@@ -13,17 +13,24 @@ are explained (never a traceback). Two classes:
   included), runs it with :func:`labkit.experiments.run_sweep` into ``out_dir`` (finished runs
   reload instantly, interrupted ones resume), shows a progress bar over the sweep and one over
   the current run, a plot of every run's curve updated each epoch, and a table of the runs.
+  With ``$LABKIT_RAY_ADDRESS`` set (e.g. ``ray://head:10001``), the sweep's points run as tasks
+  on that Ray cluster (:mod:`labkit.experiments.ray_executor`); each curve then appears when
+  its run ends.
 
 Profiles: :func:`default_profile` is ``$LABKIT_PROFILE`` when set, else ``"short"`` with CUDA and
 ``"smoke"`` without. ``defaults(profile)`` (optional) gives the knob values of each profile; they
 are applied when the panel is built and whenever the profile selector changes.
 
-Running from a cell vs pressing Run. ``panel.run()`` runs synchronously and returns the
-task's result, so "Run All", nbval and papermill work without anyone touching a widget; press
-the kernel's interrupt to stop it (a sweep resumes on the next run). Pressing Run in a live
-notebook runs an :class:`ExperimentPanel` in a background thread, so the notebook stays usable
-and the Stop button works: it stops the sweep after the current optimizer step and leaves a
-resumable state on disk.
+Running from a cell vs pressing Run. A kernel handles one message at a time: while a cell
+runs Python code, the click of a button waits until the cell ends. So the labs' run cell reads
+``result = await panel.run_async()``: the task runs in a worker thread while the cell awaits it,
+and the kernel keeps handling widget messages, so the Stop button works during "Run All" too.
+``panel.run()`` runs the task synchronously and returns its result (scripts, tests; in a
+notebook the Stop button cannot be heard then, interrupt the kernel instead). Pressing Run runs
+the task in a background thread (inside a kernel), so the notebook stays usable. Stop ends a
+sweep after the current optimizer step and leaves a resumable state on disk; a kernel
+interrupt does the same and says so in one line ("interrupted: run again to resume"), without a
+traceback.
 
 Example (a lab's panel cell; see labs/README.md for a whole lab)::
 
@@ -46,7 +53,7 @@ Example (a lab's panel cell; see labs/README.md for a whole lab)::
     )
     panel             # shows the panel
     # next cell:
-    panel.run()       # runs the current knob values, blocking; returns the SweepResult
+    sweep = await panel.run_async()   # runs the knobs; Stop works; returns the SweepResult
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -75,9 +83,14 @@ from labkit.train import PROFILES, Callback, RunResult, RunState, TrainConfig
 __all__ = [
     "PROFILES",
     "ControlPanel",
+    "INTERRUPTED",
+    "STOPPED",
     "ExperimentPanel",
+    "Interrupted",
     "LivePlot",
+    "CURVE_COLORS",
     "check_version",
+    "curve_style",
     "default_label",
     "default_profile",
     "dropdown",
@@ -88,6 +101,7 @@ __all__ = [
     "int_text",
     "multi_select",
     "new_figure",
+    "COLUMN_HEADERS",
     "runs_table_html",
     "text",
 ]
@@ -95,6 +109,19 @@ __all__ = [
 _STYLE = {"description_width": "initial"}
 _ERROR_COLOR = "#a94442"
 _WARN_COLOR = "#8a6d3b"
+#: The status line (and the one-line error) after a kernel interrupt during a run.
+INTERRUPTED = "interrupted: run again to resume"
+#: The one-line error of a run cell whose run the Stop button ended (so "Run All" halts there).
+STOPPED = "stopped with the Stop button: press Run (or run this cell again) to resume"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A kernel interrupt during a panel's run, or a Stop that ended the run a cell awaited
+    (:meth:`ControlPanel.run_async`). IPython shows it as its one-line message (no traceback:
+    the run stopped cleanly and resumes on the next run); "Run All" halts at that cell."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython's hook for a custom traceback
+        return [f"\x1b[0;31m{self}\x1b[0m"]
 
 
 # --------------------------------------------------------------------------- profiles, version
@@ -104,7 +131,7 @@ def default_profile() -> str:
     """``$LABKIT_PROFILE`` when set, else ``"short"`` if CUDA is available, else ``"smoke"``.
 
     Raises:
-        ValueError: ``$LABKIT_PROFILE`` is set to something other than smoke, short or paper.
+        ValueError: ``$LABKIT_PROFILE`` is set to something other than smoke, cpu, short or paper.
     """
     env = os.environ.get("LABKIT_PROFILE", "").strip()
     if env:
@@ -182,10 +209,25 @@ def check_version(expected: str) -> bool:
 # --------------------------------------------------------------------------- small widgets
 
 
+def _fill(long: bool = False) -> W.Layout:
+    """A knob's layout: as wide as its cell of the panel's grid; ``long`` spans both columns
+    (options too long to read in one)."""
+    layout = W.Layout(width="98%")
+    if long:
+        layout.grid_column = "1 / -1"
+    return layout
+
+
+def _longest_label(options: Sequence[Any]) -> int:
+    return max((len(str(o[0] if isinstance(o, tuple) else o)) for o in options), default=0)
+
+
 def dropdown(description: str, options: Sequence[Any], value: Any = None) -> W.Dropdown:
-    """A labelled dropdown; ``options`` are values or ``(label, value)`` pairs."""
+    """A labelled dropdown; ``options`` are values or ``(label, value)`` pairs. One with long
+    option labels spans the panel's width, so that they are not cut."""
     kw = {"value": value} if value is not None else {}
-    return W.Dropdown(description=description, options=list(options), style=_STYLE, **kw)
+    return W.Dropdown(description=description, options=list(options), style=_STYLE,
+                      layout=_fill(_longest_label(options) + len(description) > 40), **kw)
 
 
 def multi_select(
@@ -195,13 +237,14 @@ def multi_select(
     return W.SelectMultiple(
         description=description, options=list(options), value=tuple(value),
         rows=rows or min(len(options), 7), style=_STYLE,
+        layout=_fill(_longest_label(options) + len(description) > 40),
     )
 
 
 def int_slider(description: str, min: int, max: int, value: int, step: int = 1) -> W.IntSlider:
     """A labelled integer slider."""
     return W.IntSlider(description=description, min=min, max=max, value=value, step=step,
-                       style=_STYLE, continuous_update=False)
+                       style=_STYLE, continuous_update=False, layout=_fill())
 
 
 def float_slider(
@@ -209,22 +252,23 @@ def float_slider(
 ) -> W.FloatSlider:
     """A labelled float slider that reports its value when released."""
     return W.FloatSlider(description=description, min=min, max=max, value=value, step=step,
-                         style=_STYLE, continuous_update=False, readout_format=".2f")
+                         style=_STYLE, continuous_update=False, readout_format=".2f",
+                         layout=_fill())
 
 
 def float_text(description: str, value: float) -> W.FloatText:
     """A labelled number box (accepts 1e-3); validate its value in the panel's ``validate``."""
-    return W.FloatText(description=description, value=value, style=_STYLE)
+    return W.FloatText(description=description, value=value, style=_STYLE, layout=_fill())
 
 
 def int_text(description: str, value: int) -> W.IntText:
     """A labelled integer box; validate its value in the panel's ``validate``."""
-    return W.IntText(description=description, value=value, style=_STYLE)
+    return W.IntText(description=description, value=value, style=_STYLE, layout=_fill())
 
 
 def text(description: str, value: str) -> W.Text:
     """A labelled text box (e.g. a point typed as ``2.2, -1.8``)."""
-    return W.Text(description=description, value=value, style=_STYLE)
+    return W.Text(description=description, value=value, style=_STYLE, layout=_fill())
 
 
 def format_value(value: Any) -> str:
@@ -242,6 +286,20 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(format_value(v) for v in value)
     return str(value)
+
+
+#: Curve colours: 12 distinct ones (matplotlib's tab10, black, dark gold); after 12 curves the
+#: line style and marker change too (:func:`curve_style`), so no two of 48 curves look alike.
+CURVE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#b8860b")
+_LINE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
+def curve_style(i: int) -> dict[str, Any]:
+    """Matplotlib keyword arguments of the ``i``-th curve of a plot (0-based): a colour of
+    :data:`CURVE_COLORS`, then a new line style and marker for every 12 curves."""
+    ls, marker = _LINE_STYLES[(i // len(CURVE_COLORS)) % len(_LINE_STYLES)]
+    return {"color": CURVE_COLORS[i % len(CURVE_COLORS)], "linestyle": ls, "marker": marker}
 
 
 def _figure_png(fig: Any) -> bytes:
@@ -279,7 +337,10 @@ class ControlPanel:
             profile changes.
         profile: the initial profile; None means :func:`default_profile`.
         description: HTML shown under the title.
-        background: run the task in a thread when Run is pressed (``run()`` always blocks).
+        background: run the task in a thread when Run is pressed (``run()`` always blocks);
+            None means "when inside a Jupyter kernel".
+        rerun_on_profile: after a run, changing the profile runs again with the new profile's
+            defaults (all of them applied first).
 
     Attributes:
         widget: the ``ipywidgets.VBox`` that is displayed.
@@ -300,7 +361,8 @@ class ControlPanel:
         defaults: Callable[[str], Mapping[str, Any]] | None = None,
         profile: str | None = None,
         description: str = "",
-        background: bool = False,
+        background: bool | None = None,
+        rerun_on_profile: bool = False,
     ) -> None:
         if not isinstance(title, str) or not title:
             raise ValueError(f"title must be a non-empty string; got {title!r}")
@@ -323,9 +385,18 @@ class ControlPanel:
         self._task = task
         self._validate_fn = validate
         self._defaults = defaults
-        self.background = bool(background)
+        self.background = _in_kernel() if background is None else bool(background)
+        self.rerun_on_profile = bool(rerun_on_profile)
         self.last_result: Any = None
+        self.last_values: dict[str, Any] | None = None
+        self._rerun = False  # a run was requested while one ran (or while knobs were set)
+        self._holding = 0  # > 0 while several knobs change together (a profile's defaults)
+        self._invalid_shown = False
         self.error: str | None = None
+        self._inputs_record: str | None = None
+        self._inputs_display_id = f"labkit-inputs-{uuid.uuid4().hex}"
+        self._results_id = f"labkit-results-{uuid.uuid4().hex}"
+        self._displayed = False
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._running = False
@@ -350,12 +421,15 @@ class ControlPanel:
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop",
                                     disabled=True)
         self.status = W.HTML(value="ready")
+        self.status.add_class("labkit-status")  # found by the browser test
         self.message = W.HTML(value="")
         self.figure = W.Image(format="png", layout=W.Layout(max_width="100%"))
         self.figure.layout.display = "none"
         self.run_button.on_click(lambda _: self._on_run_clicked())
         self.stop_button.on_click(lambda _: self.stop())
         self.profile_selector.observe(self._on_profile_change, names="value")
+        for w in self.controls.values():
+            w.observe(self._on_knob_change, names="value")
 
         header = W.HTML(f"<b style='font-size:1.15em'>{html.escape(title)}</b>"
                         + (f"<div>{description}</div>" if description else ""))
@@ -379,6 +453,53 @@ class ControlPanel:
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
+
+    # A widget shows only while its kernel runs (or from widget state saved in the notebook).
+    # So below the panel, the results of the latest run are also ordinary outputs: each figure
+    # as a PNG and the status line with the runs table as HTML, replaced in place after every
+    # run. A saved notebook then shows them in nbviewer, in the book and to a grader.
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+        for display_id, bundle in self._result_bundles():
+            display(bundle, raw=True, display_id=display_id)
+        self._displayed = True
+
+    def _result_images(self) -> list[Any]:
+        """The image widgets whose pictures are results (the figure area)."""
+        return [self.figure]
+
+    def _result_html(self) -> str:
+        return f"<div>{self.status.value}</div>{self.message.value}"
+
+    def _result_bundles(self) -> list[tuple[str, dict[str, Any]]]:
+        import base64
+
+        out = []
+        for k, image in enumerate(self._result_images()):
+            png = bytes(image.value or b"")
+            bundle: dict[str, Any] = {"text/plain": ""}
+            if png and image.layout.display != "none":
+                bundle = {"image/png": base64.b64encode(png).decode("ascii"),
+                          "text/plain": f"<{self.title}: figure {k + 1}>"}
+            out.append((f"{self._results_id}-{k}", bundle))
+        text = self.status_text
+        out.append((f"{self._results_id}-summary",
+                    {"text/html": self._result_html() if text != "ready" else "",
+                     "text/plain": text if text != "ready" else ""}))
+        return out
+
+    def publish_results(self) -> None:
+        """Replace the panel's result outputs (below the panel, when it was displayed in a
+        notebook) with the current figures, status line and table; done after every run."""
+        if not self._displayed or not _in_kernel():
+            return
+        from IPython.display import update_display
+
+        for display_id, bundle in self._result_bundles():
+            update_display(bundle, raw=True, display_id=display_id)
 
     # ----------------------------------------------------------------- values
 
@@ -429,16 +550,58 @@ class ControlPanel:
                 raise ValueError(f"control {name!r} cannot take the value {v!r}: {e}") from None
 
     def apply_defaults(self, profile: str | None = None) -> None:
-        """Set the knobs to ``defaults(profile)`` (the selected profile when None)."""
+        """Set the knobs to ``defaults(profile)`` (the selected profile when None). A run that
+        a knob's observer requests meanwhile (:meth:`request_run`) starts once all are set."""
         if self._defaults is None:
             return
         vals = dict(self._defaults(profile or self.profile))
         vals.pop("profile", None)
-        self.set_values(**vals)
+        self._holding += 1
+        try:
+            self.set_values(**vals)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._holding -= 1
+        if not self._holding and self._rerun and not self._running:
+            self._rerun = False
+            self.press_run()
+
+    def request_run(self) -> None:
+        """Run with the current knobs as soon as possible: now when idle, else once the current
+        run ends (several requests meanwhile make one run), and never with half-applied
+        defaults. For observers that rerun on a knob's change (lab 2's δ slider)."""
+        if self._holding or self._running:
+            self._rerun = True
+            return
+        self.press_run()
 
     def _on_profile_change(self, change: dict[str, Any]) -> None:
-        self.apply_defaults(change["new"])
-        self.message.value = ""
+        self._holding += 1
+        try:
+            self.apply_defaults(change["new"])
+            self.message.value = ""
+            self._clear_invalid()
+            if self.rerun_on_profile and self.last_result is not None:
+                self._rerun = True
+        finally:
+            self._release()
+
+    def _clear_invalid(self) -> None:
+        if self._invalid_shown and not self._running:
+            self._invalid_shown = False
+            self.set_status("ready")
+
+    def _on_knob_change(self, _: Any) -> None:
+        """After "not started: invalid settings", check the knobs again as they change: the
+        messages follow, and the status line is cleared once they are valid."""
+        if not self._invalid_shown or self._running or self._holding:
+            return
+        errors = self.validate()
+        self._show_messages(errors)
+        if not errors:
+            self._clear_invalid()
 
     # ----------------------------------------------------------------- validation
 
@@ -519,17 +682,87 @@ class ControlPanel:
         """Validate the knobs (after setting ``values``) and run the task, blocking.
 
         Returns the task's result, or None when the knobs are invalid: then the panel shows
-        why and nothing runs. Errors inside the task are shown in the panel and re-raised.
+        why and nothing runs. Errors inside the task are shown in the panel and re-raised; a
+        kernel interrupt stops the task and raises :class:`Interrupted` (one line). In a
+        notebook prefer ``await`` :meth:`run_async`, during which the Stop button works.
         """
         self.wait()
+        if not self._set_run_values(values):
+            return None
+        return self._execute(raise_errors=True)
+
+    def _set_run_values(self, values: Mapping[str, Any]) -> bool:
         if values:
             try:
                 self.set_values(**values)
             except ValueError as e:
                 self._show_messages([str(e)])
                 self.set_status("not started: invalid settings")
-                return None
-        return self._execute(raise_errors=True)
+                self._invalid_shown = True
+                return False
+        return True
+
+    async def run_async(self, **values: Any) -> Any:
+        """:meth:`run` for a notebook cell: ``result = await panel.run_async()``.
+
+        The task runs in a worker thread while the cell awaits it, so the kernel keeps
+        handling widget messages: the Stop button stops the run, as it does after pressing
+        Run. A kernel interrupt stops it too (after the current optimizer step, resumable) and
+        raises :class:`Interrupted`, shown as the one line "interrupted: run again to resume".
+        A run ended by Stop raises it too, with :data:`STOPPED`, so that "Run All" halts at
+        this cell rather than in the next one, on missing results. Returns what :meth:`run`
+        returns.
+        """
+        import asyncio
+
+        while self._running:  # a run started with the Run button: let it end first
+            await asyncio.sleep(0.05)
+        if not self._set_run_values(values):
+            return None
+        self._claim()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = self._execute(raise_errors=True, claimed=True)
+            except BaseException as e:  # handed to the awaiting cell below
+                outcome["error"] = e
+
+        thread = threading.Thread(target=work, daemon=True, name=f"labkit panel: {self.title}")
+        self._thread = thread
+        thread.start()
+        interrupted = False
+        while thread.is_alive():
+            try:
+                await asyncio.sleep(0.05)
+            except (asyncio.CancelledError, KeyboardInterrupt):  # the kernel's interrupt
+                interrupted = True
+                self.stop()
+        if interrupted:
+            self.set_status(INTERRUPTED)
+            raise Interrupted(INTERRUPTED)
+        if "error" in outcome:
+            raise outcome["error"]
+        if self.stop_requested:
+            raise Interrupted(STOPPED)
+        return outcome["result"]
+
+    def record_inputs(self, name: str = "inputs") -> None:
+        """Record (:func:`labkit.record.record`) the knobs of the latest run (the current knobs
+        if nothing ran yet) and keep that output up to date: every later run, from a cell or
+        with the Run button, replaces it with its own knobs."""
+        from labkit.record import record
+
+        self._inputs_record = name
+        record(name, self.last_values if self.last_values is not None else self.values(),
+               display_id=self._inputs_display_id)
+
+    def _update_inputs_record(self) -> None:
+        if self._inputs_record is not None and self.last_values is not None:
+            from labkit.record import record
+
+            record(self._inputs_record, self.last_values, display_id=self._inputs_display_id,
+                   update=True)
 
     def press_run(self) -> None:
         """What pressing Run does: validate and run (in a thread if ``background``); errors
@@ -537,7 +770,7 @@ class ControlPanel:
         self._on_run_clicked()
 
     def _on_run_clicked(self) -> None:
-        if self._running:
+        if self._running or self._holding:
             return
         if self.background:
             self._claim()  # here, so that a second click is ignored and Stop works at once
@@ -570,20 +803,24 @@ class ControlPanel:
             if errors:
                 self._show_messages(errors)
                 self.set_status("not started: invalid settings (see below)")
+                self._invalid_shown = True
                 return None
+            self._invalid_shown = False
             if self.stop_requested:
                 self.set_status("stopped before it started")
                 return None
             self._show_messages([], self.warnings(values))
             self.error = None
+            self.last_values = values
             result = self._task(values, self)
-        except BaseException as e:  # KeyboardInterrupt included: the status must say so
+        except KeyboardInterrupt:  # the kernel's interrupt: the run stopped, resumable
+            self.error = INTERRUPTED
+            self.set_status(INTERRUPTED)
+            raise Interrupted(INTERRUPTED) from None
+        except BaseException as e:
             self.error = f"{type(e).__name__}: {e}"
-            if isinstance(e, KeyboardInterrupt):
-                self.set_status("interrupted: run again to resume")
-            else:
-                self.set_status("failed")
-                self._show_messages([self.error])
+            self.set_status("failed")
+            self._show_messages([self.error])
             if raise_errors or not isinstance(e, Exception):
                 raise
             return None
@@ -592,7 +829,12 @@ class ControlPanel:
             self.run_button.disabled = False
             self.stop_button.disabled = True
             self.profile_selector.disabled = False
+            rerun, self._rerun = self._rerun and not self.stop_requested, False
+            self.publish_results()
         self.last_result = result
+        self._update_inputs_record()
+        if rerun:  # knobs changed during the run (request_run): run them now
+            self.press_run()
         return result
 
 
@@ -672,22 +914,28 @@ class LivePlot(Callback):
             return
         from matplotlib.ticker import MaxNLocator
 
-        fig = new_figure(layout=None)
-        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.14, top=0.9)
+        curves = [(label, points) for label, points in self.series.values() if points]
+        # The legend sits right of the plot, in as many columns as needed for at most 14
+        # rows; the figure widens with it, so the plot keeps its size.
+        ncols = max(1, math.ceil(len(curves) / 14))
+        longest = max((len(label) for label, _ in curves), default=0)
+        legend_width = ncols * (0.6 + 0.062 * longest) if curves else 0.0
+        fig = new_figure((6.4 + legend_width, 3.6 + 0.1 * min(len(curves), 14) / ncols))
         ax = fig.add_subplot()
         scale = 100.0 if self.metric.endswith("_acc") else 1.0
-        for label, points in self.series.values():
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, [y * scale for y in ys], marker="o", markersize=3, label=label)
+        for i, (label, points) in enumerate(curves):
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, [y * scale for y in ys], markersize=3, lw=1.3, label=label,
+                    **curve_style(i))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ylabel = self.metric.replace("_acc", " accuracy (%)").replace("_", " ")
         ax.set_ylabel(ylabel)
         ax.set_title(f"live: {ylabel} per epoch", fontsize="medium")
         ax.grid(True, alpha=0.3)
-        if any(p for _, p in self.series.values()):
-            ax.legend(fontsize="x-small", ncol=2)
+        if curves:
+            fig.legend(loc="outside right upper", fontsize="x-small", ncols=ncols,
+                       frameon=False)
         self.image.value = _figure_png(fig)
         self.image.layout.display = None
         self._last_draw = time.monotonic()
@@ -753,7 +1001,10 @@ class ExperimentPanel(ControlPanel):
         table_columns: columns of the runs table (default: status, the config columns that
             vary, epochs done, final and best test accuracy, wall time).
         on_result: ``on_result(panel)`` after each sweep (draw a summary figure with
-            :meth:`show`, say).
+            :meth:`show`, say); :attr:`sweep_status` is the sweep's summary line then.
+        reuse: ``reuse(profile) -> folders``: other sweep folders whose finished runs of the
+            very same config (same :func:`~labkit.train.config_hash`) are copied into this
+            sweep instead of being trained again (lab 4 reuses lab 3's runs).
         callbacks: extra :class:`~labkit.train.Callback` objects for every run.
         background: run in a thread when Run is pressed; None means "when inside a Jupyter
             kernel" (``run()`` always blocks).
@@ -763,6 +1014,7 @@ class ExperimentPanel(ControlPanel):
             current run).
         plot: the :class:`LivePlot`; table: an ``ipywidgets.HTML`` with the runs table.
         last_result: the :class:`~labkit.experiments.SweepResult` of the last run.
+        sweep_status: the HTML summary of the last sweep ("done · 12 runs: ...").
     """
 
     def __init__(
@@ -782,6 +1034,7 @@ class ExperimentPanel(ControlPanel):
         on_result: Callable[[ExperimentPanel], None] | None = None,
         callbacks: Sequence[Callback] = (),
         background: bool | None = None,
+        reuse: Callable[[str], Sequence[str | os.PathLike]] | None = None,
     ) -> None:
         if not callable(build_grid):
             raise TypeError(
@@ -796,6 +1049,8 @@ class ExperimentPanel(ControlPanel):
         self.curve_label = curve_label or default_label
         self.table_columns = list(table_columns) if table_columns is not None else None
         self._on_result = on_result
+        self._reuse = reuse
+        self.sweep_status = ""
         self._callbacks = list(callbacks)
         self._plan: list[Any] | None = None
         self._grid_value: Any = None
@@ -820,6 +1075,12 @@ class ExperimentPanel(ControlPanel):
     def _layout(self) -> list[Any]:
         bars = W.HBox([self.sweep_progress, self.run_progress])
         return [*self._body, bars, self.plot.image, self.table, self.figure]
+
+    def _result_images(self) -> list[Any]:
+        return [self.plot.image, self.figure]
+
+    def _result_html(self) -> str:
+        return super()._result_html() + self.table.value
 
     # ----------------------------------------------------------------- where and what
 
@@ -848,7 +1109,8 @@ class ExperimentPanel(ControlPanel):
             prefix = "the data set is unusable: " if isinstance(e, DatasetError) else ""
             return [prefix + str(e)]
         except FileNotFoundError as e:
-            return [f"{e}. Or choose the smoke profile, which generates its own data."]
+            return [f"{e}. Or choose the cpu profile (handwritten digits that come with "
+                    "scikit-learn) or the smoke profile, which generates its own data."]
         self._grid_value, self._plan, self._plan_out = grid, plan, out
         return []
 
@@ -856,10 +1118,11 @@ class ExperimentPanel(ControlPanel):
         import torch
 
         notes = []
-        if values.get("profile") != "smoke" and not torch.cuda.is_available():
+        if values.get("profile") not in ("smoke", "cpu") and not torch.cuda.is_available():
             notes.append(
                 f"profile {values.get('profile')!r} without a CUDA GPU: the paper's model on "
-                "the CPU takes hours per run; the smoke profile runs in seconds"
+                "the CPU takes hours per run; the cpu profile (handwritten digits) runs in "
+                "minutes, the smoke profile in seconds"
             )
         return notes
 
@@ -928,9 +1191,39 @@ class ExperimentPanel(ControlPanel):
         parts.append(f"{elapsed:.0f} s")
         self.set_status("", html_text="<b>running</b> &middot; " + " &middot; ".join(parts))
 
+    def _reuse_runs(self, plan: Sequence[Any]) -> dict[str, str]:
+        """Copy the finished runs of the ``reuse`` folders that this sweep still lacks.
+        Returns hash -> the folder each came from."""
+        import shutil
+
+        from labkit.experiments.sweep import RUNS_FOLDER
+        from labkit.store import run_state
+
+        if self._reuse is None:
+            return {}
+        sources = [Path(f) for f in self._reuse(self.profile)]
+        copied = {}
+        for p in plan:
+            if p.status != "pending" or Path(p.folder).exists():
+                continue
+            for src_sweep in sources:
+                src = src_sweep / RUNS_FOLDER / p.hash
+                if not src.is_dir() or run_state(src)[0] not in ("finished", "diverged"):
+                    continue
+                dst = Path(p.folder)
+                tmp = dst.with_name(dst.name + ".copying")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                tmp.rename(dst)  # atomic: a half-copied run never looks finished
+                copied[p.hash] = str(src_sweep)
+                break
+        return copied
+
     def _run_sweep(self, values: dict[str, Any], panel: ControlPanel) -> Any:
         from labkit.experiments import run_sweep
+        from labkit.experiments.ray_executor import executor_from_env
 
+        executor = executor_from_env()  # $LABKIT_RAY_ADDRESS: the points run on a Ray cluster
         plan = self._plan or []
         self._n_points = len(plan)
         self._done = 0
@@ -940,44 +1233,69 @@ class ExperimentPanel(ControlPanel):
         self.run_progress.value = 0
         self.plot.clear()
         self.table.value = ""
-        counts = {"trained": 0, "loaded": 0}
+        self.sweep_status = ""
+        copied = self._reuse_runs(plan)
+        on_disk = sum(p.status in ("finished", "diverged") for p in plan) + len(copied)
+        self.set_status(f"preparing {len(plan)} runs ({on_disk} on disk): loading the data...")
+        trained: set[str] = set()
 
         def on_run_end(point: Any) -> None:
             self._done += 1
             self.sweep_progress.value = self._done
             if point.result is not None and point.loaded:
-                counts["loaded"] += 1
                 self.plot.add_run(point.hash, point.config, point.result.metrics)
                 self.plot.draw(force=False)
+                self.run_progress.max = max(1, point.config.epochs)
+                self.run_progress.value = len(point.result.metrics)
+                label = html.escape(self.curve_label(point.config))
+                self.set_status("", html_text=f"<b>running</b> &middot; run {self._done}/"
+                                f"{self._n_points} &middot; {label} &middot; loaded from disk")
             elif point.status in ("finished", "diverged"):
-                counts["trained"] += 1
+                trained.add(point.hash)
+                if executor is not None and point.result is not None:  # no live curve remotely
+                    self.plot.add_run(point.hash, point.config, point.result.metrics)
+                    self.plot.draw(force=False)
             self._refresh_table()
 
         result = run_sweep(self._grid_value, self._plan_out, callbacks=[
             *self._callbacks, self.plot, _Progress(self)], progress=False,
-            stop_event=self._stop_event, on_run_end=on_run_end)
+            stop_event=self._stop_event, on_run_end=on_run_end, executor=executor)
         self.plot.draw(force=True)
         self._refresh_table()
         elapsed = time.monotonic() - self._t0
         c = result.counts()
-        summary = [f"{counts['trained']} trained", f"{counts['loaded']} loaded from disk"]
-        for status in ("diverged", "failed", "stopped", "pending"):
+        # Every run in exactly one group, so that the numbers add up to the sweep's size.
+        n_trained = sum(p.hash in trained and p.status == "finished" for p in result.points)
+        n_loaded = sum(p.hash not in trained and p.status == "finished" for p in result.points)
+        summary = [f"{n_trained} trained", f"{n_loaded} loaded from disk"]
+        n_copied = sum(p.hash in copied and p.status == "finished" for p in result.points)
+        if n_copied:
+            names = sorted({Path(copied[h]).parent.name for h in copied})
+            summary[-1] += f" ({n_copied} of them copied from {', '.join(names)})"
+        for status in ("diverged", "failed", "damaged", "stopped", "pending"):
             if c.get(status):
                 summary.append(f"{c[status]} {status}")
         where = html.escape(str(self._plan_out))
         if result.stopped:
             head = "<b>stopped</b>: press Run (or run the cell again) to resume"
-        elif c.get("failed"):
+        elif c.get("failed") or c.get("damaged"):
             head = "<b style='color:#a94442'>finished with failures</b>"
             errors = [f"{p.config.optimizer}: {p.error}" for p in result.points if p.error]
             self._show_messages(errors)
         else:
             head = "<b>done</b>"
-        self.set_status("", html_text=f"{head} &middot; {len(result.points)} runs: "
-                        + ", ".join(summary) + f" &middot; {elapsed:.1f} s &middot; "
-                        f"<code>{where}</code>")
+        n = len(result.points)
+        self.sweep_status = (f"{head} &middot; {n} run{'s' if n != 1 else ''}: "
+                             + ", ".join(summary)
+                             + f" &middot; {elapsed:.1f} s &middot; <code>{where}</code>")
         if self._on_result is not None:
+            working = self.sweep_status + " &middot; analysing the runs..."
+            self.set_status("", html_text=working)
             self._on_result(self)
+            if self.status.value == working:
+                self.set_status("", html_text=self.sweep_status)
+        else:
+            self.set_status("", html_text=self.sweep_status)
         return result
 
     def _refresh_table(self) -> None:
@@ -991,19 +1309,45 @@ class ExperimentPanel(ControlPanel):
         self.table.value = runs_table_html(df, self.table_columns, labels)
 
 
+#: Readable headers of the runs table's columns (others are shown with ``_`` as spaces).
+COLUMN_HEADERS = {"name": "run", "lr": "lr", "eta": "η", "beta": "β", "beta1": "β₁",
+                  "beta2": "β₂", "batch_size": "batch size", "epochs_completed": "epochs done",
+                  "test_acc": "test acc", "best_test_acc": "best test acc",
+                  "train_acc": "train acc", "wall_time": "time"}
+_FRACTION_COLUMNS = ("eta",)  # powers written as 1/2, 1/3, as the runs' names do
+
+
+def _cell_text(column: str, value: Any) -> str:
+    import pandas as pd
+
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    if column.endswith("_acc"):
+        return f"{100 * float(value):.1f}%"
+    if column == "wall_time":
+        return f"{float(value):.1f} s"
+    if isinstance(value, float) and column in _FRACTION_COLUMNS:
+        frac = Fraction(value).limit_denominator(12)
+        if frac.denominator != 1 and abs(float(frac) - value) < 1e-12:
+            return f"{frac.numerator}/{frac.denominator}"
+    if isinstance(value, float):
+        return format_value(value)
+    return str(value)
+
+
 def runs_table_html(df: Any, columns: Sequence[str] | None = None,
                     labels: Mapping[str, str] | None = None) -> str:
     """The runs table (:func:`labkit.experiments.load_results` rows) as compact HTML.
 
     ``labels`` maps a run's hash (the ``run`` column) to its name, shown in a first column.
     The default columns are the status, the config columns that vary between the runs, the
-    epochs done, the final and best test accuracy and the wall time.
+    epochs done, the final and best test accuracy and the wall time. Headers are readable
+    (:data:`COLUMN_HEADERS`), numbers are right-aligned under right-aligned headers,
+    accuracies in percent, and powers η as fractions (1/2), as the runs' names write them.
 
     Raises:
         ValueError: a column that the table does not have.
     """
-    import pandas as pd
-
     df = df.copy()
     if labels is not None and "run" in df.columns:
         df.insert(0, "name", [labels.get(r, r) for r in df["run"]])
@@ -1018,16 +1362,19 @@ def runs_table_html(df: Any, columns: Sequence[str] | None = None,
             f"table column(s) {', '.join(missing)} are not in the results table; it has "
             f"{', '.join(map(str, df.columns))}"
         )
-    view = df[list(columns)].copy()
-    for c in view.columns:
-        if c.endswith("_acc"):
-            view[c] = [f"{100 * v:.1f}%" if pd.notna(v) else "" for v in view[c]]
-        elif c == "wall_time":
-            view[c] = [f"{v:.1f} s" if pd.notna(v) else "" for v in view[c]]
-        elif view[c].dtype.kind == "f":
-            view[c] = [format_value(float(v)) if pd.notna(v) else "" for v in view[c]]
-    return ("<div style='max-height:320px;overflow:auto'>"
-            + view.to_html(index=False, border=0, classes="labkit-runs") + "</div>")
+    cell = "padding:1px 8px;white-space:nowrap;text-align:"
+    aligns = {c: "right" if df[c].dtype.kind in "iuf" else "left" for c in columns}
+    head = "".join(f"<th style='{cell}{aligns[c]}'>"
+                   f"{html.escape(COLUMN_HEADERS.get(c, c.replace('_', ' ')))}</th>"
+                   for c in columns)
+    rows = []
+    for _, r in df[list(columns)].iterrows():
+        rows.append("<tr>" + "".join(
+            f"<td style='{cell}{aligns[c]}'>{html.escape(_cell_text(c, r[c]))}</td>"
+            for c in columns) + "</tr>")
+    return ("<div style='max-height:320px;overflow:auto'><table class='labkit-runs' "
+            "style='border-collapse:collapse;font-size:0.9em'>"
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _in_kernel() -> bool:

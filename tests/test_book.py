@@ -261,6 +261,9 @@ def test_sphinx_extensions_are_jupyter_books_without_thebe():
     wanted = [e for e in get_default_sphinx_config()["extensions"] if e != "sphinx_thebe"]
     assert [e for e in extensions if e in wanted] == wanted
     assert not [e for e in [*extra, "sphinxcontrib.bibtex"] if e not in extensions]
+    local = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"].get(
+        "local_extensions", {})
+    assert "labkit_hub" in local and not [e for e in local if e not in extensions]
 
 
 def test_internal_links_and_fragments_resolve(built_book, pages):
@@ -561,3 +564,73 @@ def test_interactive_figures_are_served_by_the_site(built_book):
         assert html.count('class="labkit-interactive"') == 1, page
         assert "_static/labkit-interactive.js" in html and "_static/labkit-interactive.css" in html
     assert (built_book.html / "_static/labkit-interactive.js").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Labs page: the student notebooks for download, and the note while the hub is a placeholder
+# ---------------------------------------------------------------------------------------------
+
+
+def _hub_extension():
+    spec = importlib.util.spec_from_file_location("labkit_hub", ROOT / "book/_ext/labkit_hub.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_placeholder_hubs_are_recognized():
+    hub = _hub_extension()
+    for url in ("", "   ", None, "https://hub.example.edu", "https://example.org/", "hub",
+                "https://jupyter.example", "http://hub.test:8000", "https://x.invalid",
+                "http://localhost:8000", "https://HUB.EXAMPLE.COM."):
+        assert hub.is_placeholder_hub(url), url
+    for url in ("https://hub.university.edu", "https://jupyter.cs.example-university.org",
+                "https://datahub.berkeley.edu/"):
+        assert not hub.is_placeholder_hub(url), url
+
+
+def test_the_labs_page_offers_every_student_notebook_for_download(built_book, pages):
+    """A plain link per student notebook (labs/*.ipynb), served from the site itself, whatever
+    the launch buttons' hub; each link's file is the committed student version."""
+    students = sorted((ROOT / "labs").glob("*.ipynb"))
+    assert students
+    links = [h for h in pages["book/labs.html"].anchors if "_downloads/" in h]
+    for student in students:
+        hits = [h for h in links if unquote(urlsplit(h).path).endswith(f"/{student.name}")]
+        assert len(hits) == 1, f"book/labs.html has {len(hits)} download links to {student.name}"
+        served = built_book.html / posixpath.normpath(posixpath.join("book", hits[0]))
+        assert served.read_bytes() == student.read_bytes(), f"{served} is not {student}"
+
+
+def test_the_labs_page_notes_a_placeholder_hub(built_book):
+    """The note is computed when the book is built (book/_ext/labkit_hub.py), from the same
+    setting as the launch links: shown while the hub is a placeholder, absent otherwise."""
+    hub = _hub_extension()
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["launch_buttons"]["jupyterhub_url"]
+    page = (built_book.html / "book/labs.html").read_text(encoding="utf-8")
+    assert ("labkit-hub-note" in page) == hub.is_placeholder_hub(url)
+    if hub.is_placeholder_hub(url):
+        assert "No JupyterHub is set up for this copy of the book." in page
+        assert f"<code class=\"docutils literal notranslate\"><span class=\"pre\">{url}" in page
+    assert "No JupyterHub" not in (ROOT / "book/labs.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("url, shown", [("https://hub.example.edu", True), ("", True),
+                                        ("https://hub.university.edu", False)])
+def test_the_hub_note_follows_the_setting(tmp_path, url, shown):
+    """The directive alone, in a one-page Sphinx project: the hub is read from the build's
+    configuration (as Jupyter Book passes launch_buttons to the theme)."""
+    from sphinx.application import Sphinx
+
+    (tmp_path / "conf.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'book/_ext')!r})\n"
+        "extensions = ['labkit_hub']\n"
+        f"html_theme_options = {{'launch_buttons': {{'jupyterhub_url': {url!r}}}}}\n")
+    (tmp_path / "index.rst").write_text("Labs\n====\n\n.. labs-hub-note::\n\nThe table.\n")
+    app = Sphinx(tmp_path, tmp_path, tmp_path / "out", tmp_path / "doctrees", "html",
+                 status=None, warning=None, freshenv=True)
+    app.build()
+    page = (tmp_path / "out/index.html").read_text(encoding="utf-8")
+    assert ("No JupyterHub is set up" in page) == shown
+    assert "The table." in page

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from labkit.cli import main, parse_schedule, parse_value
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(capsys, *argv):
@@ -40,7 +46,27 @@ def test_train_rotation_flags(tmp_path, capsys):
         assert json.loads((out / "config.json").read_text())["rotate"] == expected
 
 
+def test_train_cpu_profile_trains_on_the_digits(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, text, _ = run(capsys, "train", "--profile", "cpu", "--epochs", "1", "--device", "cpu",
+                        "--out", str(out), "--quiet")
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dataset"], config["model"], config["profile"]) == ("digits", "tiny", "cpu")
+    assert json.loads(text.strip().splitlines()[-1])["status"] == "finished"
+
+
+def test_train_cpu_profile_without_scikit_learn_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if it were not installed
+    code, _, err = run(capsys, "train", "--profile", "cpu", "--epochs", "1", "--device", "cpu",
+                       "--out", str(tmp_path / "run"))
+    assert code == 1
+    assert err.count("\n") == 1 and "pip install scikit-learn==" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv,match", [
+    (["train", "--profile", "cpu", "--dataset", "cifar10"], "cpu profile trains on dataset="),
     (["train", "--profile", "smoke", "--rotate", "200"], "rotate must be None or a number"),
     (["train", "--rotate", "5", "--no-rotate"], "not allowed with argument"),
     (["train", "--optimizer", "adamw"], "invalid choice: 'adamw'"),
@@ -126,3 +152,211 @@ def test_value_parsing():
                                                              "factor": 0.7071}
     assert parse_schedule('{"kind": "cosine"}') == {"kind": "cosine"}
     assert parse_schedule("cosine") == {"kind": "cosine"}
+
+
+# ---------------------------------------------------------------------------------------------
+# One line, never a traceback (issue 15): bad input, a hostile environment, a bug
+
+
+def smoke(tmp_path, *extra):
+    return ["train", "--profile", "smoke", "--epochs", "1", "--quiet", "--device", "cpu",
+            "--data-root", str(tmp_path / "data"), *extra]
+
+
+def one_line_error(capsys, argv, code):
+    """Run ``labkit ARGV``; return its one error line, checking the exit status and that no
+    traceback was printed."""
+    try:
+        got = main(argv)
+    except SystemExit as e:
+        got = e.code
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if not line.startswith(("usage:", " "))]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--optimizer", "shb", "--set", "beta=abc"], "beta must be a real number"),
+    (["--optimizer", "shb", "--set", "beta=[0.9]"], "got [0.9] of type list"),
+    (["--optimizer", "adam", "--set", "eps=true"], "eps must be a real number"),
+    (["--optimizer", "adam", "--set", "betas=0.9"], "betas must be a pair"),
+    (["--lr-schedule", '{"kind": [1]}'], "unknown lr schedule kind [1]; valid kinds"),
+    (["--batch-schedule", "step:every=1,factor=1e300", "--epochs", "3"],
+     "makes the batch size of epoch 3 overflow; use a smaller factor or cap it with max"),
+])
+def test_bad_values_are_one_line(tmp_path, capsys, extra, match):
+    line = one_line_error(capsys, smoke(tmp_path, *extra), 2)
+    assert line.startswith("labkit train: error: ") and match in line
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    line = one_line_error(capsys, smoke(tmp_path, "--out", str(tmp_path / "f")), 2)
+    assert f"{tmp_path / 'f'} is a file, not a folder; name a folder" in line
+
+
+def test_grade_checks_where_it_writes_before_grading(tmp_path, capsys):
+    lab = str(ROOT / "labs" / "lab3_critical_batch.ipynb")
+    (tmp_path / "f").write_text("")
+    line = one_line_error(capsys, ["grade", str(tmp_path), "--lab", lab, "--out",
+                                   str(tmp_path)], 2)
+    assert f"--out {tmp_path} is a folder; name the CSV file to write" in line
+    line = one_line_error(capsys, ["grade", str(tmp_path), "--lab", lab, "--out",
+                                   str(tmp_path / "g.csv"), "--feedback", str(tmp_path / "f")], 2)
+    assert f"--feedback {tmp_path / 'f'} is a file; name a folder" in line
+    line = one_line_error(capsys, ["grade", str(tmp_path), "--lab", lab, "--out",
+                                   str(tmp_path / "f" / "g.csv")], 2)
+    assert "is a file, so nothing can be created under it" in line
+    assert not (tmp_path / "g.csv").exists()
+
+
+def test_a_busy_run_folder_is_one_line(tmp_path, capsys):
+    from labkit import store
+
+    with store.writing(tmp_path / "run", "a run"):
+        line = one_line_error(capsys, smoke(tmp_path, "--out", str(tmp_path / "run")), 1)
+    assert line == (f"labkit train: error: {tmp_path / 'run'} is in use: process {os.getpid()} "
+                    "is writing a run there. Wait for it to end (or stop it), then run again; "
+                    "to run both at once, give this one another folder")
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_resumable(tmp_path, capsys,
+                                                                    monkeypatch):
+    import torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full)
+        line = one_line_error(capsys, smoke(tmp_path, "--out", str(out)), 1)
+    assert line.startswith("labkit train: error: no space left on the device; free some space")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file
+    assert main(smoke(tmp_path, "--out", str(out))) == 0
+
+
+def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    import labkit.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(labkit.train, "train", interrupted)
+    line = one_line_error(capsys, smoke(tmp_path, "--out", str(tmp_path / "run")), 130)
+    assert line == ("labkit train: interrupted; run the same command again to resume "
+                    f"({tmp_path / 'run'})")
+
+
+def test_a_bug_says_so_and_where_to_report_it(capsys, monkeypatch):
+    import labkit.cli
+
+    def broken(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(labkit.cli, "_cmd_info", broken)
+    monkeypatch.delenv("LABKIT_DEBUG", raising=False)
+    line = one_line_error(capsys, ["info"], 1)
+    assert line == (f"labkit info: internal error (a bug in labkit {labkit.__version__}): "
+                    "ZeroDivisionError: division by zero. Please report it at "
+                    "https://github.com/labkit-course/labkit/issues with the traceback that "
+                    "LABKIT_DEBUG=1 prints")
+    monkeypatch.setenv("LABKIT_DEBUG", "1")
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ZeroDivisionError" in err
+
+
+def test_warnings_are_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(smoke(tmp_path, "--out", str(out))) == 0
+    (out / "metrics.jsonl").write_text("")
+    capsys.readouterr()
+    assert main(smoke(tmp_path, "--out", str(out))) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("labkit: warning: ")
+    assert "metrics.jsonl (0 epochs) disagrees with" in err[0]
+
+
+def test_a_grid_too_large_is_refused_before_it_is_expanded(tmp_path, capsys):
+    axes = "\n".join(f"  {k}: [{', '.join(map(str, range(1, 11)))}]"
+                     for k in ("lr", "seed", "batch_size", "epochs", "weight_decay", "rotate"))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"base: {{profile: smoke, optimizer: shb}}\ngrid:\n{axes}\n"
+                    "  beta: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]\n")
+    line = one_line_error(capsys, ["sweep", str(grid), "--out", str(tmp_path / "s"),
+                                   "--dry-run"], 2)
+    assert line == (f"labkit sweep: error: {grid}:2: the grid has 10,000,000 points (10 x 10 x 10 "
+                    "x 10 x 10 x 10 x 10), more than the limit of 10,000: shrink an axis, or "
+                    "raise the limit (labkit sweep --max-points N; max_points=N in Python)")
+    grid.write_text("base: {profile: smoke}\ngrid: {lr: [0.1, 0.2, 0.3]}\n")
+    line = one_line_error(capsys, ["sweep", str(grid), "--out", str(tmp_path / "s"),
+                                   "--max-points", "2"], 2)
+    assert "the grid has 3 points (3), more than the limit of 2" in line
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "s"), "--max-points", "3",
+                 "--dry-run"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes, Ctrl-C and SIGKILL on real `labkit train` processes
+
+
+def _labkit(*argv):
+    return subprocess.Popen([sys.executable, "-m", "labkit", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_trainings_into_one_folder_never_mix_their_epochs(tmp_path):
+    args = smoke(tmp_path, "--out", str(tmp_path / "run"))
+    procs = [_labkit(*args) for _ in range(2)]
+    results = [(p.wait(120), *p.communicate()) for p in procs]
+    for code, _, err in results:
+        assert code == 0 or (code == 1 and "is in use: process" in err), err
+        assert "Traceback" not in err
+    epochs = [json.loads(line)["epoch"] for line in
+              (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1]
+
+
+def test_ctrl_c_then_sigkill_then_resume(tmp_path, capsys):
+    args = ["train", "--profile", "smoke", "--epochs", "3", "--device", "cpu", "--data-root",
+            str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        proc = _labkit(*args)
+        for line in proc.stdout:  # stop it once it has finished an epoch
+            if line.startswith("epoch"):
+                break
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130
+            assert err.strip() == ("labkit train: interrupted; run the same command again to "
+                                   f"resume ({tmp_path / 'run'})")
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and json.loads(out.splitlines()[-1])["epochs"] == 3
+    epochs = [json.loads(line)["epoch"] for line in
+              (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+
+
+def test_a_garbage_checkpoint_or_index_is_one_line(tmp_path, capsys):
+    from labkit.train import TrainConfig
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = TrainConfig(profile="smoke", device="cpu", data_root=str(tmp_path / "data"))
+    (run_dir / "config.json").write_text(json.dumps(cfg.resolved().to_dict()))
+    (run_dir / "checkpoint.pt").write_bytes(b"\x80\x04garbage")
+    line = one_line_error(capsys, ["sharpness", str(run_dir), "--batches", "2"], 2)
+    assert f"cannot read the checkpoint {run_dir / 'checkpoint.pt'}" in line
+    assert "weights_only" not in line and "delete it" in line
+    (tmp_path / "index.json").write_text('{"points": {"abc": 3}}')
+    line = one_line_error(capsys, ["critical", "--results", str(tmp_path), "--eps", "0.5"], 1)
+    assert line == (f"labkit critical: error: {tmp_path / 'index.json'} is not a labkit sweep "
+                    "index (point 'abc' is not an entry with a config, a folder and an order); "
+                    "delete it: labkit sweep rebuilds it, and labkit.experiments.load_results "
+                    "reads the run folders instead")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -320,3 +321,36 @@ def test_sweep_no_pack_gives_the_same_runs(tmp_path, capsys):
     assert results[True].keys() == results[False].keys()
     for h, loss in results[True].items():
         assert results[False][h] == pytest.approx(loss, rel=1e-10)
+def test_critical_skips_non_finite_runs_per_run(tmp_path, capsys):
+    """A sweep holding runs whose metrics and gradient norms became NaN or infinite (lr 1e6):
+    as labkit writes them now (null, diverged) and as it wrote them before (NaN literals,
+    not marked). The other group's result is exact and nothing blames track_grad_norm."""
+    def cfg(lr, b):
+        return TrainConfig(profile="short", dataset="cifar100", optimizer="sgd", lr=lr,
+                           batch_size=b)
+
+    _write_run(tmp_path, cfg(0.1, 16), [[0.6] * 4, [0.6] * 4])
+    _write_run(tmp_path, cfg(0.1, 32), [[0.9] * 2, [0.6] * 2, [0.2] * 2])
+    nan, inf = float("nan"), float("inf")
+    for b, status in ((16, "finished"), (32, "diverged")):
+        c = cfg(1e6, b).resolved()
+        _write_run(tmp_path, c, [[0.5] * (64 // b), [inf] + [nan] * (64 // b - 1)])
+        folder = tmp_path / "runs" / config_hash(c)
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        rows[1].update(test_loss=nan, grad_norm=nan)
+        if status == "diverged":  # as labkit writes it now
+            rows[1] = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in rows[1].items()} | {"diverged": True}
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "result.json").write_text(json.dumps(
+            {"status": status, "config": c.to_dict(), "final": rows[-1], "metrics": rows}))
+    code, text, err = run(capsys, "critical", "--results", tmp_path, "--eps", "0.7",
+                          "--skip-epochs", "1")
+    groups = {g["lr"]: g for g in last_json(text)["groups"]}
+    assert groups[0.1]["sfo"] == {"16": 80.0, "32": 160.0}
+    assert groups[0.1]["critical_batch_size"] == 16
+    assert groups[1e6]["sfo"] == {"16": None, "32": None}
+    assert groups[1e6]["critical_batch_size"] is None
+    assert code == 1  # one group has no b*
+    assert "track_grad_norm" not in text + err and "before labkit logged" not in text + err
+    assert "Traceback" not in err

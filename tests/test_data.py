@@ -1,8 +1,12 @@
 """Tests for labkit.data: generated CIFAR files, the reader, the cache, batching, augmentation."""
 
+import multiprocessing
 import os
 import pickle
 import re
+import shutil
+import signal
+import time
 import urllib.error
 
 import numpy as np
@@ -32,6 +36,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 CIFAR10_FILES = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
 CIFAR100_FILES = {"train", "test", "meta"}
+# make_fake_cifar writes its completion marker last, beside the official files.
+GENERATED = {D.GENERATED_MARKER}
 
 # The fine -> coarse label map of the real CIFAR-100 files (fine labels 0..99 in file order),
 # written out independently of labkit's superclass table.
@@ -70,7 +76,7 @@ def write_py3_pickle(path, obj):
 def test_fake_cifar10_layout_keys_and_dtypes(tmp_path):
     folder = make_fake_cifar(tmp_path, "cifar10", n_train=13, n_test=7, seed=1)
     assert folder == tmp_path / "cifar-10-batches-py"
-    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES | GENERATED
     sizes = []
     for i in range(1, 6):
         entry = unpickle(folder / f"data_batch_{i}")
@@ -94,7 +100,7 @@ def test_fake_cifar10_layout_keys_and_dtypes(tmp_path):
 def test_fake_cifar100_layout_keys_and_coarse_labels(tmp_path):
     folder = make_fake_cifar(tmp_path, "cifar100", n_train=300, n_test=200, seed=2)
     assert folder == tmp_path / "cifar-100-python"
-    assert {p.name for p in folder.iterdir()} == CIFAR100_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR100_FILES | GENERATED
     for split, n in (("train", 300), ("test", 200)):
         entry = unpickle(folder / split)
         assert set(entry) == {
@@ -411,7 +417,7 @@ def test_read_only_folder_skips_the_cache_silently(tmp_path, monkeypatch):
     monkeypatch.setattr(D.tempfile, "mkstemp", refuse)
     data = load_cifar("cifar10", tmp_path)
     assert len(data.train_y) == 20
-    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES | GENERATED
 
 
 def test_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -422,7 +428,7 @@ def test_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D.os, "replace", disk_full)
     load_cifar("cifar10", tmp_path)
-    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES
+    assert {p.name for p in folder.iterdir()} == CIFAR10_FILES | GENERATED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,3 +911,176 @@ def test_is_generated_tells_labkits_files_from_others(tmp_path):
     entry[b"batch_label"] = b"testing batch 1 of 1"  # what the official file says
     test_batch.write_bytes(pickle.dumps(entry))
     assert not is_generated(tmp_path, "cifar10")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating the smoke data: atomic, locked, and repaired after a killed first run
+
+
+def test_a_half_written_generated_folder_is_detected_and_written_again(tmp_path):
+    folder = make_fake_cifar(tmp_path, "cifar10", n_train=40, n_test=10)
+    whole = {f: (folder / f).read_bytes() for f in CIFAR10_FILES}
+    # What labkit before the marker left when killed: a truncated data_batch_2 and no test file.
+    (folder / D.GENERATED_MARKER).unlink()
+    (folder / "data_batch_2").write_bytes(whole["data_batch_2"][:100])
+    (folder / "test_batch").unlink()
+    assert D.ensure_fake_cifar(tmp_path, "cifar10", n_train=40, n_test=10) == folder
+    assert {f: (folder / f).read_bytes() for f in CIFAR10_FILES} == whole
+    # A marked folder whose file has another size than recorded is not whole either.
+    (folder / "data_batch_3").write_bytes(whole["data_batch_3"] + b"\0")
+    D.ensure_fake_cifar(tmp_path, "cifar10", n_train=40, n_test=10)
+    assert (folder / "data_batch_3").read_bytes() == whole["data_batch_3"]
+    assert len(load_cifar("cifar10", tmp_path).train_y) == 40
+
+
+def test_a_whole_folder_is_kept_whatever_its_size(tmp_path):
+    folder = make_fake_cifar(tmp_path, "cifar100", n_train=30, n_test=10)
+    (folder / D.GENERATED_MARKER).unlink()  # written before the marker existed, but whole
+    stamp = (folder / "train").stat().st_mtime_ns
+    D.ensure_fake_cifar(tmp_path, "cifar100", n_train=512, n_test=256)
+    assert (folder / "train").stat().st_mtime_ns == stamp
+    assert len(load_cifar("cifar100", tmp_path).train_y) == 30
+
+
+def test_leftovers_of_a_killed_generator_are_removed(tmp_path):
+    stale = tmp_path / ".cifar-10-batches-py.abc.tmp"
+    stale.mkdir()
+    (stale / "data_batch_1").write_bytes(b"half")
+    D.ensure_fake_cifar(tmp_path, "cifar10", n_train=20, n_test=10)
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "cifar-10-batches-py"]
+
+
+def _generate(root, n_train, started=None):
+    # Runs in a forked child: numpy and pickle only, nothing of torch's thread pools.
+    if started is not None:
+        started.set()
+    D.ensure_fake_cifar(root, "cifar10", n_train=n_train, n_test=64)
+
+
+def test_several_first_runs_at_once_all_get_the_whole_data_set(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_generate, args=(tmp_path, 3000)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(load_cifar("cifar10", tmp_path, cache=False).train_y) == 3000
+
+
+def test_a_generator_killed_at_any_moment_leaves_no_half_written_folder(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    ctx = multiprocessing.get_context("fork")
+    for delay in (0.0, 0.05, 0.2):
+        started = ctx.Event()
+        proc = ctx.Process(target=_generate, args=(tmp_path, 5000, started))
+        proc.start()
+        started.wait(30)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        # Either nothing is in place yet, or the whole data set is.
+        assert not folder.exists() or D.GENERATED_MARKER in {p.name for p in folder.iterdir()}
+        D.ensure_fake_cifar(tmp_path, "cifar10", n_train=5000, n_test=64)
+        assert len(load_cifar("cifar10", tmp_path, cache=False).train_y) == 5000
+        shutil.rmtree(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-learn's handwritten digits (labkit.digits): the cpu profile's data
+
+
+def test_digits_split_shapes_dtypes_and_stratification():
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from labkit import digits as G
+
+    d = G.load_digits()
+    assert isinstance(d, CifarData) and d.name == "digits"
+    assert d.train_x.shape == (G.N_TRAIN, 1, 8, 8) and d.test_x.shape == (G.N_TEST, 1, 8, 8)
+    assert d.train_x.dtype == torch.uint8 and d.train_y.dtype == torch.int64
+    assert d.classes == [str(k) for k in range(10)] and d.num_classes == 10
+    assert int(d.train_x.max()) == 255 and int(d.train_x.min()) == 0
+    # Every image of scikit-learn's set is in exactly one split (as a multiset of label counts),
+    # and each class is split 3:1 up to one image (stratified).
+    y = sk_load_digits().target
+    total = np.bincount(y, minlength=10)
+    test = np.bincount(d.test_y.numpy(), minlength=10)
+    train = np.bincount(d.train_y.numpy(), minlength=10)
+    np.testing.assert_array_equal(train + test, total)
+    assert np.all(np.abs(test - total * G.TEST_FRACTION) <= 1)
+
+
+def test_digits_pixels_are_sklearn_values_scaled_to_uint8():
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from labkit import digits as G
+
+    d = G.load_digits()
+    images = sk_load_digits().images  # values 0..16
+    scaled = np.rint(images * 255 / 16).astype(np.uint8)
+    # Each training image is one of scikit-learn's images with its label.
+    sk = {(scaled[i].tobytes(), int(t)) for i, t in enumerate(sk_load_digits().target)}
+    for x, t in zip(d.train_x[:50], d.train_y[:50], strict=True):
+        assert (x[0].numpy().tobytes(), int(t)) in sk
+
+
+def test_digits_split_is_fixed_and_mean_std_are_the_training_split_statistics():
+    from labkit import digits as G
+
+    a, b = G.load_digits(), G.load_digits()
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    pixels = a.train_x.double() / 255
+    assert a.mean == G.MEAN and a.std == G.STD
+    assert float(pixels.mean()) == pytest.approx(G.MEAN[0], abs=5e-5)
+    assert float(pixels.std()) == pytest.approx(G.STD[0], abs=5e-5)
+    x = normalize(a.train_x, a.mean, a.std)
+    assert x.shape == (G.N_TRAIN, 1, 8, 8)
+    assert abs(float(x.mean())) < 1e-3 and float(x.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_digits_augmentation_shifts_by_one_pixel_and_never_mirrors():
+    from labkit import digits as G
+
+    d = G.load_digits()
+    gen = torch.Generator().manual_seed(0)
+    x = d.train_x[:200]
+    out = augment(x, gen, pad=G.AUGMENT_PAD, flip=G.AUGMENT_FLIP)
+    # Each output is the input shifted by (dy, dx) in -1..1 with zero fill: find the shift.
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(x.shape[0]):
+        windows = [padded[i, :, 1 + dy:9 + dy, 1 + dx:9 + dx]
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_digits_without_scikit_learn_is_one_clear_error(monkeypatch):
+    import sys
+
+    from labkit import digits as G
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match=r"scikit-learn.*pip install scikit-learn==") as info:
+        G.load_digits()
+    assert "\n" not in str(info.value)
+
+
+def test_digits_through_the_training_path():
+    from labkit.train import TrainConfig, prepare_data, train
+
+    cfg = TrainConfig(profile="cpu", dataset="digits", epochs=3, batch_size=64, lr=1e-3,
+                      optimizer="adam", device="cpu")
+    r = cfg.resolved()
+    assert r.model == "tiny" and r.rotate == 0.0
+    data = prepare_data(r, torch.device("cpu"))
+    assert data.name == "digits" and data.train_x.device.type == "cpu"
+    result = train(cfg, progress=False, data=data)
+    assert result.status == "finished"
+    # It learns: the training loss falls well below chance level, log(10) = 2.30. (Single-epoch
+    # test accuracies jump around with BatchNorm's running statistics this early.)
+    losses = [m["train_loss"] for m in result.metrics]
+    assert losses[-1] < 0.8 * losses[0] and losses[-1] < 2.0
+    with pytest.raises(ValueError, match="cpu profile trains on dataset='digits'"):
+        TrainConfig(profile="cpu", dataset="cifar10").resolved()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -171,7 +174,7 @@ def test_bad_input_fails_before_anything_runs(tmp_path, data_root):
     spec = {"base": {"profile": "smoke", "data_root": str(tmp_path / "d"), "epochs": 4,
                      "batch_schedule": {"kind": "step", "every": 1, "factor": 4}},
             "grid": {"batch_size": [16]}}
-    with pytest.raises(GridError, match="batch size 1024 exceeds"):
+    with pytest.raises(GridError, match="schedule grows b from 16 to 1024, which exceeds"):
         plan_sweep(spec, out, check_data=True)
     assert not out.exists()
     assert train_set_size(TrainConfig(profile="smoke", data_root=str(tmp_path / "d"))) == n
@@ -456,7 +459,7 @@ def test_failed_point_is_recorded_and_retried(tmp_path, data_root):
                        on_run_end=try_nested)
     assert [p.status for p in result.points] == ["failed", "finished"]
     assert "simulated CUDA out of memory" in result.points[0].error
-    assert nested and all("already running" in m for m in nested)
+    assert nested and all("is in use: process" in m for m in nested)
     df = load_results(out)
     assert list(df["status"]) == ["failed", "finished"]
     assert "RuntimeError: simulated CUDA out of memory" in df["error"][0]
@@ -731,3 +734,81 @@ def test_pack_units_group_what_shares_a_step(data_root):
     assert got == [(same_step[:CPU_PACK_SIZE], True), (same_step[CPU_PACK_SIZE:], True),
                    ([1], False), ([2], False), ([4], False), ([13], False), ([14], False)]
     assert all(not packed for _, packed in pack_units(points, {}, pack=False))
+# --------------------------------------------------------------------------- hardening (issue 15)
+
+
+def test_a_damaged_result_marks_its_point_and_the_sweep_goes_on(tmp_path, data_root):
+    out = tmp_path / "sweep"
+    spec = {"base": base(data_root), "grid": {"lr": [0.05, 0.1]}}
+    first = run_sweep(spec, out, progress=False)
+    bad = Path(first.points[1].folder) / "result.json"
+    bad.write_text('{"status": ')
+    planned = plan_sweep(spec, out)
+    assert [p.status for p in planned] == ["finished", "damaged"]
+    assert planned[1].error.startswith(f"{bad} is damaged (not JSON")
+    seen = []
+    again = run_sweep(spec, out, progress=False, on_run_end=seen.append)
+    assert [p.status for p in again.points] == ["finished", "damaged"] and len(seen) == 2
+    assert again.points[0].loaded and "delete it and run again" in again.points[1].error
+    df = load_results(out)
+    assert list(df["status"]) == ["finished", "damaged"] and df["error"][1].startswith(str(bad))
+    (out / "index.json").rename(out / "index.bak")  # read by scanning the run folders
+    df = load_results(out)
+    assert sorted(df["status"]) == ["damaged", "finished"]
+    assert len(load_history(out)) == 2  # one epoch each
+    (out / "index.bak").rename(out / "index.json")
+    bad.unlink()  # what the message says to do
+    assert [p.status for p in run_sweep(spec, out, progress=False).points] == ["finished"] * 2
+
+
+_HOLD = """
+import sys, time
+from labkit import store
+with store.writing(sys.argv[1], "a sweep"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_sweep_into_a_folder_is_refused(tmp_path, data_root):
+    from labkit.store import FolderBusyError
+
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusyError, match=f"process {proc.pid} is writing a sweep"):
+            run_sweep({"base": base(data_root), "grid": {"lr": [0.05]}}, out, progress=False)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "runs").exists()  # nothing was written
+
+
+def test_the_grid_size_is_checked_before_expanding(data_root):
+    ten = list(range(1, 11))
+    spec = {"base": base(data_root), "grid": {k: ten for k in ("lr", "seed", "batch_size",
+                                                                "epochs", "weight_decay")}}
+    spec["grid"]["beta"] = [0.1 * i for i in range(10)]
+    spec["base"]["optimizer"] = "shb"
+    for call in (lambda: expand_grid(spec), lambda: plan_sweep(spec, "unused"),
+                 lambda: run_sweep(spec, "unused", progress=False)):
+        with pytest.raises(GridError, match=r"the grid has 1,000,000 points \(10 x 10 x 10 x 10 "
+                           r"x 10 x 10\), more than the limit of 10,000"):
+            call()
+    small = {"base": base(data_root), "grid": {"lr": [0.1, 0.2], "seed": [0, 1]}}
+    with pytest.raises(GridError, match="4 points"):
+        expand_grid(small, max_points=3)
+    assert len(expand_grid(small, max_points=4)) == 4
+    assert len(Grid.from_spec(spec)) == 10**6
+    with pytest.raises(ValueError, match="max_points must be None or an integer >= 1"):
+        expand_grid(small, max_points=0)
+
+
+def test_a_sweeps_leftover_temporary_files_are_cleaned(tmp_path, data_root):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / ".index.json.abc.tmp").write_text("half")
+    run_sweep({"base": base(data_root), "grid": {"lr": [0.05]}}, out, progress=False)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

@@ -1,9 +1,9 @@
 """labkit.grading and `labkit grade`: rules, keys, bad submissions, the gradebook, the real labs.
 
 Synthetic notebooks (built here with nbformat) exercise every rule and every bad input; the real
-labs under labs/ are executed once per session in the smoke profile and turned into a correct,
-a wrong, an inconsistent, a cleared and a malformed submission whose gradebook is checked
-exactly.
+labs (their sources with solutions, labs/source/) are executed once per session in the smoke
+profile and turned into a correct, a wrong, an inconsistent, a cleared and a malformed submission
+whose gradebook is checked exactly, against the source and against the student version in labs/.
 """
 
 from __future__ import annotations
@@ -1549,6 +1549,83 @@ def test_execute_runs_the_hidden_tests_of_the_source(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_execute_trains_in_the_graders_results_folder(tmp_path, monkeypatch, capsys):
+    """A submission that ships finished runs beside the notebook (``results/``, where a lab
+    looks when LABKIT_RESULTS is unset) is executed with the grader's results folder:
+    ``--results DIR``, else $LABKIT_RESULTS, else ~/.cache/labkit/grading-results; a results
+    folder inside the submissions is refused."""
+    monkeypatch.delenv("LABKIT_RESULTS", raising=False)
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    lab_nb = make_lab("labz", points=(1,))
+    lab_nb.cells[1].source = ("from labkit.labs import results_root\n"
+                              "from labkit.record import record\n"
+                              "record('where', str(results_root()))")
+    lab_nb.cells[3].source = "assert True"
+    lab_path = write(lab_nb, tmp_path / "labz.ipynb")
+    key = tmp_path / "k.yml"
+    key.write_text(yaml.safe_dump({"lab": "labz", "questions": [{
+        "grade_id": "labz-q1-test", "checks": [{"rule": "test_cell", "points": 1}]}]}))
+    subs = tmp_path / "subs"
+    write(executed(lab_nb), subs / "alice" / "labz.ipynb")
+    (subs / "alice" / "results" / "labz" / "smoke").mkdir(parents=True)  # shipped "runs"
+    saved = tmp_path / "executed"
+
+    def where(*extra: str) -> tuple[str, str]:
+        assert main(["grade", str(subs), "--lab", str(lab_path), "--key", str(key), "--out",
+                     str(tmp_path / "g.csv"), "--execute", "--timeout", "120",
+                     "--save-executed", str(saved), *extra]) == 0
+        nb = nbformat.read(saved / "alice.ipynb", as_version=4)
+        return grading.extract_records(nb)[0]["where"].value, capsys.readouterr().out
+
+    default = (tmp_path / "home" / ".cache" / "labkit" / "grading-results").resolve()
+    value, printed = where()
+    assert value == str(default)
+    assert f"--execute: the labs train their runs in {default}" in printed
+    value, _ = where("--results", str(tmp_path / "mine"))
+    assert value == str((tmp_path / "mine").resolve())
+    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "env"))
+    value, _ = where()
+    assert value == str((tmp_path / "env").resolve())
+
+    for bad in (["--results", str(subs / "alice" / "results")], ["--results", str(subs)]):
+        with pytest.raises(SystemExit):
+            main(["grade", str(subs), "--lab", str(lab_path), "--key", str(key), "--out",
+                  str(tmp_path / "g.csv"), "--execute", *bad])
+        assert "is inside the submissions folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["grade", str(subs), "--lab", str(lab_path), "--out", "g.csv", "--results", "x"])
+    assert "--results only applies with --execute" in capsys.readouterr().err
+
+
+def test_autograding_never_reloads_runs_from_the_submission(tmp_path, monkeypatch):
+    """nbgrader's autograde (NBGRADER_EXECUTION=autograde) runs each notebook in the
+    student's folder: without LABKIT_RESULTS, a lab then keeps its runs in the grader's
+    folder, not in the ``results/`` it finds there."""
+    from labkit.labs import results_root
+
+    submission = tmp_path / "autograded" / "alice" / "lab3"
+    (submission / "results").mkdir(parents=True)
+    monkeypatch.chdir(submission)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LABKIT_RESULTS", raising=False)
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    assert results_root() == submission / "results"  # a student working in their own folder
+    monkeypatch.setenv("NBGRADER_EXECUTION", "validate")  # a student's own validation
+    assert results_root() == submission / "results"
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    assert results_root() == grading.grader_results_root() == \
+        tmp_path / "home" / ".cache" / "labkit" / "grading-results"
+    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "chosen"))
+    assert results_root() == tmp_path / "chosen"
+    # The instructor sources keep their runs with the student versions' (labs/results/).
+    monkeypatch.delenv("LABKIT_RESULTS")
+    monkeypatch.delenv("NBGRADER_EXECUTION")
+    (tmp_path / "repo" / "labs" / "source").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo" / "labs" / "source")
+    assert results_root() == tmp_path / "repo" / "labs" / "results"
+
+
 def test_a_source_that_does_not_match_is_refused(tmp_path, capsys):
     source = hidden_test_lab()
     lab = write(nbgrader_release(source), tmp_path / "labz.ipynb")
@@ -1618,7 +1695,7 @@ def test_an_unanswered_question_reads_not_answered(lab, tmp_path):
 # The real labs: executed once per session in the smoke profile, then graded as five students
 # ---------------------------------------------------------------------------------------------
 
-LABS = sorted((ROOT / "labs").glob("*.ipynb"))
+LABS = sorted((ROOT / "labs" / "source").glob("*.ipynb"))
 
 #: Per lab: record edits that make a "wrong" and an "inconsistent" submission out of the
 #: executed lab, and the exact points per question (in key order) each then earns. A lab that
@@ -1819,13 +1896,12 @@ def test_real_lab_gradebook(lab, smoke_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("lab", LABS, ids=[p.stem for p in LABS])
 def test_real_lab_release_version_grades_the_same(lab, smoke_run, tmp_path, capsys):
-    """nbgrader's release of each lab, given as --lab in labs/ beside its key, finds the key
-    and grades a correct submission exactly as the source version does: full marks, no flags."""
-    release = write(nbgrader_release(nbformat.read(lab, as_version=4)),
-                    tmp_path / "labs" / lab.name)
-    key = grading.default_key_path(lab)
-    (tmp_path / "labs" / "keys").mkdir()
-    (tmp_path / "labs" / "keys" / key.name).write_text(key.read_text())
+    """The student version of each lab (labs/<lab>.ipynb, nbgrader's release), given as --lab,
+    finds the key in labs/keys/ and grades a correct submission exactly as the source version
+    does: full marks, no flags."""
+    release = ROOT / "labs" / lab.name
+    assert grading.find_key(release) == grading.find_key(lab) == \
+        ROOT / "labs" / "keys" / f"{lab.stem}.yml"
     sub = write(smoke_run(lab), tmp_path / "subs" / "correct.ipynb")
     out = tmp_path / "g.csv"
     assert main(["grade", str(sub), "--lab", str(release), "--out", str(out)]) == 0

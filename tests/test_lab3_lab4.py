@@ -160,7 +160,7 @@ def test_accuracy_table_and_best_batch_sizes():
 # --------------------------------------------------------------------------- knobs
 
 
-@pytest.mark.parametrize("profile", ["smoke", "short", "paper"])
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "short", "paper"])
 def test_each_profiles_defaults_are_valid_and_make_the_grid(profile):
     for lab in (lab3, lab4):
         values = {**lab.defaults(profile), "profile": profile}
@@ -172,8 +172,10 @@ def test_each_profiles_defaults_are_valid_and_make_the_grid(profile):
             assert cfg.hparams == ({} if cfg.optimizer == "sgd" else {"beta": 0.9})
             assert cfg.lr == 0.1 and cfg.weight_decay == 0.0 and cfg.track_grad_norm
             cfg.resolved()
-        # Lab 3's runs are measurements (fp32, TF32 off); lab 4's are plain training.
-        assert {cfg.precision for cfg in configs} == {"fp32" if lab is lab3 else "auto"}
+        # Lab 3's runs are measurements (fp32, TF32 off); lab 4's are plain training, which
+        # without CUDA is fp32 too: there lab 4 asks for lab 3's very runs (and reuses them).
+        plain = "auto" if torch.cuda.is_available() else "fp32"
+        assert {cfg.precision for cfg in configs} == {"fp32" if lab is lab3 else plain}
     paper = lab3.defaults("paper")
     assert paper["eps"] == critical.PAPER_VALUES["eps"]
     assert paper["batch_sizes"] == critical.PAPER_VALUES["batch_sizes"]
@@ -187,7 +189,7 @@ def test_each_profiles_defaults_are_valid_and_make_the_grid(profile):
 
 def test_defaults_reject_unknown_profiles():
     for lab in (lab3, lab4):
-        with pytest.raises(ValueError, match="profile must be one of smoke, short, paper"):
+        with pytest.raises(ValueError, match="profile must be one of smoke, cpu, short, paper"):
             lab.defaults("huge")
 
 
@@ -288,7 +290,8 @@ def test_lab4_panel_constants_and_figure(env):
     panel = _lab4_panel(out)
     panel.set_values(optimizers=("sgd", "shb"), batch_sizes=(64, 128), epochs=2, c2_images=64)
     result = panel.run()
-    assert len(result.points) == 4 and all(p.config.precision == "auto" for p in result.points)
+    plain = "auto" if torch.cuda.is_available() else "fp32"
+    assert len(result.points) == 4 and all(p.config.precision == plain for p in result.points)
     assert bytes(panel.figure.value).startswith(PNG)
     measured = lab4.constants(panel)
     stats = lab3.gradient_stats_of_sweep(out, n_images=64)
@@ -317,3 +320,26 @@ def test_lab4_panel_constants_and_figure(env):
 def test_unknown_optimizer_is_named_with_the_valid_ones():
     values = {**lab3.defaults("smoke"), "profile": "smoke", "optimizers": ("sgd", "adam")}
     assert "unknown optimizer(s) adam; valid: sgd, shb, nshb" in lab3.validate(values)
+
+
+# --------------------------------------------------------------------------- the cpu profile
+
+
+def test_lab3_cpu_profile_on_the_digits_reduced(tmp_path):
+    """Lab 3's cpu profile, cut down to run in CI (seconds): its grid trains the tiny CNN on the
+    handwritten digits, and the authors' skip rule (11 epochs) and the SFO analysis apply."""
+    values = {**lab3.defaults("cpu"), "profile": "cpu"}
+    assert values["skip_epochs"] == 11 and values["eps"] == lab3.CPU_EPS
+    assert lab3.validate(values) == []
+    values.update(optimizers=("shb",), batch_sizes=(256, 1024), epochs=13)
+    configs = lab3.grid(values)
+    assert {(c.dataset, c.resolved().model) for c in configs} == {("digits", "tiny")}
+    out = tmp_path / "lab3-cpu"
+    result = run_sweep(configs, out, progress=False)
+    assert result.complete
+    runs = sfo_of_sweep(out, eps=100.0, skip_epochs=values["skip_epochs"])
+    assert len(runs) == 2 and runs["reached"].all()
+    # A generous eps is passed at the first tested step: the first step of epoch 12.
+    steps_per_epoch = {256: 6, 1024: 2}  # 1,347 training images
+    for _, r in runs.iterrows():
+        assert r["steps"] == 11 * steps_per_epoch[int(r["batch_size"])] + 1

@@ -1,20 +1,26 @@
-"""Every lab notebook in labs/: committed clean, valid nbgrader metadata, runs top to bottom.
+"""The lab notebooks: instructor sources in labs/source/, student versions in labs/.
 
-Parametrized over ``labs/*.ipynb``, so a new lab is tested as soon as it is added. Per lab:
+Parametrized over ``labs/source/*.ipynb`` (the sources, with solutions), so a new lab is tested as
+soon as it is added. Per lab:
 
-- the committed notebook has no outputs and no execution counts, stable unique cell ids, and
+- the committed source has no outputs and no execution counts, stable unique cell ids, and
   ``metadata.labkit.lab`` equal to its file name;
 - every ``# NBVAL_CHECK_OUTPUT`` cell has its expected printed output in
   ``labs/reference/<lab>.json`` (cell id -> text): notebooks are committed without outputs, so
   the nbval run below checks a temporary copy into which these references are put;
 - its graded cells carry valid nbgrader metadata (schema 3, unique grade_ids
   ``<lab>-qN-answer`` / ``<lab>-qN-test`` in complete pairs, points > 0);
-- ``pytest --nbval-lax`` runs it top to bottom in the smoke profile (a subprocess, as a
+- ``pytest --nbval-lax`` runs the source top to bottom in the smoke profile (a subprocess, as a
   student's "Run All" would, with LABKIT_DATA and LABKIT_RESULTS in temporary folders);
 - executed with nbclient (reusing the nbval run's results, so nothing trains again), the
   solution version passes its own test cells, emits exactly the records its metadata lists,
   and each test cell fails when its answer cell's solution is removed (the answers are then
-  left at their initial None).
+  left at their initial None);
+- the committed student version ``labs/<lab>.ipynb`` is exactly what
+  ``python -m labkit.labs.release`` makes of the source now (nbgrader's generate_assignment),
+  holds no solution, and run top to bottom fails in its answer cells (nbgrader's
+  ``raise NotImplementedError()``) and their test cells only: the panel runs and the records
+  made before the questions are saved.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS_DIR = ROOT / "labs"
+SOURCE_DIR = LABS_DIR / "source"
 REFERENCE_DIR = LABS_DIR / "reference"
-LABS = sorted(LABS_DIR.glob("*.ipynb"))
+LABS = sorted(SOURCE_DIR.glob("*.ipynb"))
 CHECK_OUTPUT = "# NBVAL_CHECK_OUTPUT"
 RECORD_MIME = "application/vnd.labkit.record+json"
 NBGRADER_KEYS = {"grade", "grade_id", "locked", "schema_version", "solution", "task"}
 
-pytestmark = pytest.mark.skipif(not LABS, reason="no lab notebooks in labs/")
+pytestmark = pytest.mark.skipif(not LABS, reason="no lab notebooks in labs/source/")
 
 
 def _read(path: Path):
@@ -192,7 +199,7 @@ def test_solution_passes_and_blank_answers_fail(path, lab_env, monkeypatch):
     nb = _read(path)
     n_cells = len(nb.cells)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(LABS_DIR)}})
+                            resources={"metadata": {"path": str(path.parent)}})
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells[:n_cells]):
             client.execute_cell(cell, index)  # raises CellExecutionError on any error
@@ -217,7 +224,10 @@ def test_solution_passes_and_blank_answers_fail(path, lab_env, monkeypatch):
             question = meta["grade_id"].rsplit("-", 1)[0]
             blank = nbformat.v4.new_code_cell(_strip_solution(answers[question].source))
             nb.cells.append(blank)
-            client.execute_cell(blank, len(nb.cells) - 1)
+            try:
+                client.execute_cell(blank, len(nb.cells) - 1)
+            except CellExecutionError:
+                pass  # a blank answer may fail itself (it uses what is missing)
             test = nbformat.v4.new_code_cell(cell.source)
             nb.cells.append(test)
             with pytest.raises(CellExecutionError):
@@ -230,3 +240,125 @@ def test_strip_solution():
     src = "def f():\n    y = None\n    ### BEGIN SOLUTION\n    y = 2\n    ### END SOLUTION\n" \
           "    return y\n"
     assert _strip_solution(src) == "def f():\n    y = None\n    return y\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The student versions (labs/<lab>.ipynb): what the launch links and the book open
+# ---------------------------------------------------------------------------------------------
+
+# record("name", ...), and panel.record_inputs() (the "inputs" record of the panel's knobs).
+RECORD_CALL = re.compile(r"""\brecord\(\s*["']([^"']+)["']|\.record_(inputs)\(\)""")
+STUB = "raise NotImplementedError()"
+
+
+def _student(path: Path) -> Path:
+    return LABS_DIR / path.name
+
+
+def test_student_versions_are_what_the_sources_make():
+    """`python -m labkit.labs.release --check`: one student version per source, each equal (as
+    JSON) to what nbgrader's generate_assignment makes of its source now."""
+    from labkit.labs import release
+
+    assert sorted(p.name for p in LABS_DIR.glob("*.ipynb")) == [p.name for p in LABS]
+    assert release.stale(SOURCE_DIR, LABS_DIR) == []
+
+
+def test_a_stale_student_version_is_caught(tmp_path, capsys):
+    from labkit.labs import release
+
+    source, out = tmp_path / "source", tmp_path / "labs"
+    source.mkdir()
+    for name in ("lab1_optimizer_zoo.ipynb", "lab3_critical_batch.ipynb"):
+        (source / name).write_bytes((SOURCE_DIR / name).read_bytes())
+    assert [written for _, written in release.release(source, out)] == [True, True]
+    assert [written for _, written in release.release(source, out)] == [False, False]
+    assert release.main(["--check", "--source", str(source), "--out", str(out)]) == 0
+    # Formatting alone does not count: the comparison is of the JSON.
+    lab1 = out / "lab1_optimizer_zoo.ipynb"
+    lab1.write_text(json.dumps(json.loads(lab1.read_text()), indent=4))
+    assert release.stale(source, out) == []
+    # A source edited after the release: its student version is stale.
+    nb = _read(source / "lab3_critical_batch.ipynb")
+    test = next(c for c in nb.cells if c.id == "lab3_critical_batch-q3-test")
+    test.source += "\nprint('one more check')"
+    nbformat.write(nb, source / "lab3_critical_batch.ipynb")
+    (out / "lab9_extra.ipynb").write_text(lab1.read_text())
+    problems = release.stale(source, out)
+    assert problems == [f"{out / 'lab3_critical_batch.ipynb'}: differs from what "
+                        f"{source / 'lab3_critical_batch.ipynb'} makes now",
+                        f"{out / 'lab9_extra.ipynb'}: no source {source / 'lab9_extra.ipynb'}"]
+    capsys.readouterr()
+    assert release.main(["--check", "--source", str(source), "--out", str(out)]) == 1
+    assert capsys.readouterr().out.splitlines() == problems
+    assert release.main(["--source", str(tmp_path / "nowhere")]) == 1
+    assert "no lab sources (*.ipynb) in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", LABS, ids=[p.stem for p in LABS])
+def test_student_version_holds_no_solution(path):
+    source, student = _read(path), _read(_student(path))
+    text = json.dumps(student)
+    for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
+        assert marker not in text, f"{marker!r} in the student version"
+    assert student.metadata["labkit"] == source.metadata["labkit"]
+    assert [c.id for c in student.cells] == [c.id for c in source.cells]
+    for mine, theirs in zip(student.cells, source.cells, strict=True):
+        if mine.cell_type == "code":
+            assert mine.outputs == [] and mine.execution_count is None, mine.id
+        meta = theirs.metadata.get("nbgrader")
+        if meta is None:
+            assert mine.source == theirs.source, f"{mine.id}: differs from the source"
+        elif meta["solution"]:
+            assert STUB in mine.source, f"{mine.id}: no {STUB}"
+        else:
+            assert mine.source == theirs.source, f"{mine.id}: a locked cell differs"
+            assert mine.metadata["editable"] is False, f"{mine.id} is not read-only"
+
+
+def _errors(nb) -> dict[str, str]:
+    """cell id -> the name of the exception its outputs show, for every cell that raised."""
+    return {cell.id: out["ename"] for cell in nb.cells if cell.cell_type == "code"
+            for out in cell.outputs if out.get("output_type") == "error"}
+
+
+@pytest.mark.parametrize("path", LABS, ids=[p.stem for p in LABS])
+def test_student_version_runs_with_only_its_questions_failing(path, lab_env, monkeypatch):
+    """The student version as handed out, run top to bottom (Run All goes on after errors, as
+    nbgrader's autograde does): only the answer cells (nbgrader's NotImplementedError) and
+    their test cells fail; the panel is shown, the experiment's records are saved, and
+    `labkit grade` reads every question as not answered."""
+    from nbclient import NotebookClient
+
+    from labkit import grading
+
+    for key in ("LABKIT_PROFILE", "LABKIT_DATA", "LABKIT_RESULTS"):
+        monkeypatch.setenv(key, lab_env[key])
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    student = _student(path)
+    nb = _read(student)
+    NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(LABS_DIR)}}).execute()
+
+    answers = {c.id for _, c, meta in _graded(nb) if meta["solution"]}
+    tests = {c.id for _, c, meta in _graded(nb) if meta["grade"]}
+    errors = _errors(nb)
+    assert set(errors) == answers | tests, errors
+    assert {errors[a] for a in answers} == {"NotImplementedError"}, errors
+
+    panel = next(c for c in nb.cells if c.id == "panel")
+    assert any("application/vnd.jupyter.widget-view+json" in out.get("data", {})
+               for out in panel.outputs), "the panel cell shows no widget"
+    # Every record made outside the answer cells is saved: the knobs and the experiment's data.
+    expected = {name for c in nb.cells if c.cell_type == "code" and c.id not in answers
+                for names in RECORD_CALL.findall(c.source) for name in names if name}
+    emitted = {out["data"][RECORD_MIME]["name"] for c in nb.cells if c.cell_type == "code"
+               for out in c.outputs if RECORD_MIME in out.get("data", {})}
+    assert "inputs" in expected and emitted == expected
+
+    release = grading.load_release(student)
+    key = grading.load_key(grading.find_key(student, release), release)
+    questions, _, error = grading.grade_notebook(nb, release, key)
+    assert error is None and sum(q.points for q in questions) == 0
+    assert all(any("not answered" in r for r in q.reasons) for q in questions), [
+        q.reasons for q in questions]

@@ -312,3 +312,15 @@ def test_describe():
         S.describe(None, of="momentum")
     with pytest.raises(ValueError, match=r"unknown batch schedule kind 'cosine'"):
         S.describe({"kind": "cosine"}, of="batch")
+
+
+def test_a_step_schedule_that_overflows_is_a_clear_error_or_capped():
+    spec = {"kind": "step", "every": 1, "factor": 1e300}
+    assert S.batch_size_at(spec, 64, 1, 3) == round(64e300)
+    with pytest.raises(ValueError, match="makes the batch size of epoch 3 overflow; use a "
+                       "smaller factor or cap it with max"):
+        S.batch_size_at(spec, 64, 2, 3)
+    assert S.batch_size_at({**spec, "max": 4096}, 64, 2, 3) == 4096
+    assert S.lr_at({"kind": "step", "every": 1, "factor": 1e300}, 0.1, 2, 3) == float("inf")
+    with pytest.raises(ValueError, match=r"unknown lr schedule kind \[1\]; valid kinds"):
+        S.lr_at({"kind": [1]}, 0.1, 0, 3)

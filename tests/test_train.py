@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -173,7 +175,7 @@ def test_corrupt_checkpoint_is_a_clear_error(data_root, tmp_path):
     ({"optimizer": "adamw"}, "optimizer must be one of .*nshb"),
     ({"model": "vgg"}, "model must be one of .*resnet18"),
     ({"dataset": "mnist"}, "dataset must be one of cifar10, cifar100"),
-    ({"profile": "huge"}, "profile must be one of smoke, short, paper"),
+    ({"profile": "huge"}, "profile must be one of smoke, cpu, short, paper"),
     ({"precision": "fp8"}, "precision must be one of"),
     ({"hparams": {"beta": 1.5}}, "beta"),
     ({"hparams": {"gamma": 1}}, "gamma"),
@@ -415,3 +417,114 @@ def test_a_resolved_config_is_checked_once_and_read_only(data_root, tmp_path):
         checks.reset_mock()
         train(fresh, progress=False)
         assert checks.call_count == 0
+# --------------------------------------------------------------------------- hardening (issue 15)
+
+
+class PoisonAfterStep(Callback):
+    """Sets the first weight to NaN after optimizer step ``step``: the epoch's training loss
+    (computed before) stays finite, its test loss does not."""
+
+    step_interval = 1
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, state):
+        if state.step == self.step:
+            with torch.no_grad():
+                next(state.model.parameters()).view(-1)[0] = float("nan")
+
+
+def test_a_nan_test_loss_with_a_finite_training_loss_is_a_divergence(data_root, tmp_path):
+    out = tmp_path / "run"
+    res = train(cfg(data_root, out=str(out), epochs=2),
+                callbacks=[PoisonAfterStep(math.ceil(256 / 48))], progress=False)
+    assert res.status == "diverged" and len(res.metrics) == 1
+    (row,) = res.metrics
+    assert math.isfinite(row["train_loss"]) and row["test_loss"] is None and row["diverged"]
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    stored = json.loads((out / "result.json").read_text())
+    assert stored["status"] == "diverged" and stored["metrics"] == res.metrics
+
+
+def test_a_killed_runs_temporary_files_are_cleaned_at_its_next_start(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(data_root, out=str(out), epochs=2), callbacks=[StopAfter(1)], progress=False)
+    for name in (".checkpoint.pt.k1ll3d.tmp", ".metrics.jsonl.x.tmp"):
+        (out / name).write_bytes(b"half a file")
+    res = train(cfg(data_root, out=str(out), epochs=2), progress=False)
+    assert res.status == "finished" and res.resumed_from == 1
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_run_files_follow_the_umask(data_root, tmp_path):
+    old = os.umask(0o002)  # a folder shared with a group
+    try:
+        train(cfg(data_root, out=str(tmp_path / "run"), epochs=1), progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert set(modes.values()) == {0o664}, modes
+
+
+def test_a_damaged_metrics_log_does_not_shorten_a_finished_run(data_root, tmp_path):
+    out = tmp_path / "run"
+    full = train(cfg(data_root, out=str(out), epochs=2), progress=False).metrics
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:20])
+    with pytest.warns(UserWarning, match="metrics.jsonl .*disagrees with .*result.json"):
+        res = train(cfg(data_root, out=str(out), epochs=2), progress=False)
+    assert res.loaded and res.metrics == full
+
+
+def test_a_damaged_result_names_the_file_and_what_to_do(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(data_root, out=str(out), epochs=1), progress=False)
+    (out / "result.json").write_text("")
+    with pytest.raises(ValueError, match=r"result\.json is damaged \(not JSON.*delete it and "
+                       "run again: the run resumes from its checkpoint"):
+        train(cfg(data_root, out=str(out), epochs=1), progress=False)
+    (out / "result.json").unlink()
+    res = train(cfg(data_root, out=str(out), epochs=1), progress=False)
+    assert res.status == "finished" and res.resumed_from == 1
+
+
+def test_resuming_with_another_rotation_or_precision_says_so(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(data_root, out=str(out), precision="fp32", epochs=2), callbacks=[StopAfter(1)],
+          progress=False)
+    with pytest.raises(ValueError, match=r"holds a different run \(rotate 0\.0 there, 5\.0 here\)"
+                       "; to resume it give the values it was started with"):
+        train(cfg(data_root, out=str(out), precision="fp32", epochs=2, rotate=5), progress=False)
+    with pytest.raises(ValueError, match="precision 'fp32' there, 'bf16' here"):
+        train(cfg(data_root, out=str(out), precision="bf16", epochs=2), progress=False)
+    # precision "auto" is bf16 on CUDA and fp32 on the CPU: a run moved between them is told.
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["autocast"] == "fp32"
+    ckpt["autocast"] = "bfloat16"
+    torch.save(ckpt, out / "checkpoint.pt")
+    with pytest.warns(UserWarning, match="was trained in bfloat16 for 1 epoch.* resumes in fp32"):
+        train(cfg(data_root, out=str(out), precision="fp32", epochs=2), progress=False)
+
+
+def test_a_foreign_checkpoint_gets_no_unsafe_advice(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(data_root, out=str(out), epochs=2), callbacks=[StopAfter(1)], progress=False)
+    torch.save({"model": datetime.date(2024, 1, 1)}, out / "checkpoint.pt")
+    with pytest.raises(ValueError) as e:
+        train(cfg(data_root, out=str(out), epochs=2), progress=False)
+    msg = str(e.value)
+    assert "cannot read the checkpoint" in msg and "delete it to restart" in msg
+    assert "weights_only" not in msg and "\n" not in msg
+
+
+def test_a_second_writer_into_a_run_folder_is_refused(data_root, tmp_path):
+    from labkit import store
+
+    out = tmp_path / "run"
+    with store.writing(out), pytest.raises(store.FolderBusyError, match="is in use"):
+        train(cfg(data_root, out=str(out), epochs=1), progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train(cfg(data_root, out=str(tmp_path / "file"), epochs=1), progress=False)

@@ -142,7 +142,7 @@ def test_set_values_errors_name_the_knob():
         panel.set_values(speed=1)
     with pytest.raises(ValueError, match="control 'kind' cannot take the value 'c'"):
         panel.set_values(kind="c")
-    with pytest.raises(ValueError, match="profile must be one of smoke, short, paper"):
+    with pytest.raises(ValueError, match="profile must be one of smoke, cpu, short, paper"):
         panel.set_values(profile="fast")
     # run() with a bad knob shows the message instead of raising.
     assert panel.run(kind="c") is None
@@ -191,7 +191,8 @@ def test_panel_construction_errors():
         widgets.ControlPanel("t", {"profile": widgets.int_text("p", 1)}, task)
     with pytest.raises(TypeError, match="task must be callable"):
         widgets.ControlPanel("t", {}, None)
-    with pytest.raises(ValueError, match="profile must be one of smoke, short, paper; got 'x'"):
+    with pytest.raises(ValueError,
+                       match="profile must be one of smoke, cpu, short, paper; got 'x'"):
         widgets.ControlPanel("t", {}, task, profile="x")
     with pytest.raises(TypeError, match="build_grid must be callable"):
         widgets.ExperimentPanel("t", {}, None, out_dir="x")
@@ -264,7 +265,8 @@ def test_missing_cifar_is_a_message_that_says_how_to_get_it(tmp_path, monkeypatc
     message = panel.messages
     assert message.startswith("✖ CIFAR-10 not found: searched ") and message.count("✖") == 1
     assert "`python -m labkit data --download cifar10`" in message and "LABKIT_DATA" in message
-    assert message.endswith("Or choose the smoke profile, which generates its own data.")
+    assert message.endswith("Or choose the cpu profile (handwritten digits that come with "
+                            "scikit-learn) or the smoke profile, which generates its own data.")
     assert not (tmp_path / "sweep").exists()
 
 
@@ -310,6 +312,7 @@ def test_smoke_sweep_runs_reloads_and_shows_its_table(tmp_path):
     second = panel.run()
     assert all(p.loaded for p in second.points)
     assert "0 trained, 2 loaded from disk" in panel.status_text
+    assert panel.run_progress.value == panel.run_progress.max == 1  # not left at 0%
     assert [len(pts) for _, pts in panel.plot.series.values()] == [1, 1]
     assert [p.result.final["test_acc"] for p in second.points] == \
         [p.result.final["test_acc"] for p in first.points]
@@ -392,6 +395,8 @@ def test_run_button_runs_in_the_background_and_stop_button_stops(tmp_path):
     result = panel.last_result
     assert result.stopped and [p.status for p in result.points] == ["stopped", "pending"]
     assert panel.status_text.startswith("stopped")
+    # The numbers add up to the sweep's size.
+    assert "2 runs: 0 trained, 0 loaded from disk, 1 stopped, 1 pending" in panel.status_text
     # Resume in the foreground: the stopped run continues, the pending one starts.
     gate.go.set()
     resumed = panel.run()
@@ -405,7 +410,10 @@ def test_runs_table_html_columns():
                        "eta": [0.5, 4.0], "epochs_completed": [2, 1], "test_acc": [0.5, None],
                        "best_test_acc": [0.6, None], "wall_time": [1.0, 0.5]})
     html = widgets.runs_table_html(df, labels={"a": "Adam η=1/2"})
-    assert "Adam η=1/2" in html and "50.0%" in html and "eta" in html
+    assert "Adam η=1/2" in html and "50.0%" in html and ">η</th>" in html
+    assert ">1/2</td>" in html and ">4</td>" in html  # powers as the names write them
+    assert ">epochs done</th>" in html and "epochs_completed" not in html
+    assert "<th style='padding:1px 8px;white-space:nowrap;text-align:right'>test acc" in html
     assert "optimizer" not in html  # the same for every run: left out
     with pytest.raises(ValueError, match="table column\\(s\\) sharpness are not in the results"):
         widgets.runs_table_html(df, ["status", "sharpness"])
@@ -453,7 +461,7 @@ def test_each_training_lab_drives_a_panel_through_the_same_interface(name, tmp_p
         configs = mod.grid(values)
         assert configs and all(isinstance(c, TrainConfig) for c in configs)
         assert all(isinstance(mod.label(c), str) and mod.label(c) for c in configs)
-    with pytest.raises(ValueError, match="profile must be one of smoke, short, paper"):
+    with pytest.raises(ValueError, match="profile must be one of smoke, cpu, short, paper"):
         mod.defaults("huge")
 
 
@@ -465,3 +473,258 @@ def test_importing_labkit_labs_loads_no_lab_module():
             "assert not [m for m in sys.modules if m.startswith('labkit.labs.lab')], sys.modules; "
             "assert callable(labs.lab_setup) and callable(labs.results_dir)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- inside a kernel
+
+_KERNEL_SETUP = """
+import time
+from labkit import widgets
+steps = []
+
+def task(values, panel):
+    # Ends when Stop is pressed, else after 60 s.
+    t0 = time.monotonic()
+    while not panel.stop_requested and time.monotonic() - t0 < 60:
+        steps.append(1)
+        time.sleep(0.01)
+    return "stopped" if panel.stop_requested else "timed out"
+
+panel = widgets.ControlPanel("t", {"n": widgets.int_text("n", 1)}, task, profile="smoke")
+print(panel.stop_button.model_id)
+"""
+
+
+@pytest.fixture
+def kernel():
+    """A live IPython kernel (what JupyterLab talks to) and a client for it."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def _execute(kc, code, timeout=60):
+    """Run ``code``; returns (reply content, stdout text, error outputs)."""
+    msg_id = kc.execute(code)
+    out, errors = [], []
+    while True:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            out.append(content["text"])
+        elif kind == "error":
+            errors.append(content)
+        elif kind == "status" and content["execution_state"] == "idle":
+            break
+    return kc.get_shell_msg(timeout=timeout)["content"], "".join(out), errors
+
+
+def _click(kc, model_id):
+    """What the browser sends when a button is clicked."""
+    msg = kc.session.msg("comm_msg", {"comm_id": model_id,
+                                      "data": {"method": "custom", "content": {"event": "click"}}})
+    kc.shell_channel.send(msg)
+
+
+def test_stop_button_works_while_a_cell_awaits_the_run(kernel):
+    _, kc = kernel
+    reply, out, _ = _execute(kc, _KERNEL_SETUP)
+    assert reply["status"] == "ok", reply
+    stop_id = out.strip()
+    msg_id = kc.execute("r = await panel.run_async()")
+    threading.Event().wait(1.0)  # the task runs; the cell is busy awaiting it
+    _click(kc, stop_id)
+    errors = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "error":
+            errors.append(msg["content"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    # One line, so that Run All halts at the run cell, not on missing results later.
+    (error,) = errors
+    assert [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in error["traceback"]] == \
+        [widgets.STOPPED]
+    reply, out, _ = _execute(kc, "print(len(steps) < 2000, panel.running, "
+                                 "panel.last_result)")
+    assert out.split() == ["True", "False", "stopped"]  # stopped within ~1 s, not 60
+
+
+@pytest.mark.parametrize("call", ["await panel.run_async()", "panel.run()"])
+def test_a_kernel_interrupt_is_one_line(kernel, call):
+    km, kc = kernel
+    reply, _, _ = _execute(kc, _KERNEL_SETUP)
+    assert reply["status"] == "ok", reply
+    msg_id = kc.execute(call)
+    threading.Event().wait(1.5)
+    km.interrupt_kernel()
+    errors = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "error":
+            errors.append(msg["content"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    (error,) = errors
+    assert error["ename"] == "Interrupted"
+    assert [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in error["traceback"]] == \
+        ["interrupted: run again to resume"]
+    reply, out, _ = _execute(kc, "print(panel.status_text, '|', panel.running)")
+    assert out.strip() == "interrupted: run again to resume | False"
+
+
+# --------------------------------------------------------------------------- lab 2's panel
+
+
+def test_lab2_reports_progress_and_stops():
+    from labkit.labs import lab2
+
+    panel = lab2.panel(profile="smoke")
+    seen = []
+    panel.status.observe(lambda c: seen.append(c["new"]), names="value")
+    original = panel.set_status
+
+    def stop_after_first_report(text, **kw):
+        original(text, **kw)
+        if text.startswith("computing the paths: "):
+            panel.stop()
+
+    panel.set_status = stop_after_first_report
+    assert panel.run() is None and panel.last_result is None
+    assert "computing the paths: 100/3000 steps (GD)" in seen
+    assert panel.status_text == "stopped: press Run to compute the paths"
+    panel.set_status = original
+    result = panel.run()
+    assert set(result.trajectories) == {"gd", "sgd", "graduated"}
+    assert [len(t.points) for t in result.trajectories.values()] == [1001, 1001, 1001]
+
+
+def test_lab2_profile_change_reruns_once_with_all_defaults():
+    from labkit.labs import lab2
+
+    panel = lab2.panel(profile="smoke")
+    runs = []
+    task = panel._task
+    panel._task = lambda values, p: runs.append(dict(values)) or task(values, p)
+    panel.run()
+    panel.set_values(dist="ball", delta=1.0)  # δ reruns (1 run): the knobs as set
+    assert [r["dist"] for r in runs] == ["gaussian", "ball"]
+    panel.set_values(profile="short")  # one rerun, with every default of the profile
+    assert len(runs) == 3
+    assert {k: runs[-1][k] for k in ("dist", "delta", "n_samples", "profile")} == \
+        {"dist": "gaussian", "delta": 0.4, "n_samples": 256, "profile": "short"}
+    assert panel.last_values == runs[-1]
+
+
+def test_a_stale_invalid_settings_status_clears_when_the_knobs_are_fixed():
+    panel = make_panel([])
+    panel.set_values(lr=0.0)
+    panel.run_button.click()
+    assert panel.status_text.startswith("not started: invalid settings")
+    panel.set_values(lr=-1.0)  # still invalid: the message follows the knob
+    assert "got -1.0" in panel.messages and panel.status_text.startswith("not started")
+    panel.set_values(lr=0.2)
+    assert panel.messages == "" and panel.status_text == "ready"
+    panel.set_values(lr=0.0)
+    panel.run_button.click()
+    panel.set_values(profile="paper")  # a profile's defaults clear it as well
+    assert panel.messages == "" and panel.status_text == "ready"
+
+
+def test_curves_look_different_beyond_ten():
+    styles = [widgets.curve_style(i) for i in range(24)]
+    assert len({s["color"] for s in styles[:12]}) == 12 > 10
+    assert len({tuple(sorted(s.items())) for s in styles}) == 24
+    assert styles[1]["color"] != styles[11]["color"]  # lab 1's 2nd and 12th curve
+
+
+def test_record_inputs_follows_the_latest_run():
+    from labkit.record import recorded
+
+    panel = make_panel([])
+    panel.run()
+    panel.record_inputs()
+    assert recorded()["inputs"]["value"]["lr"] == 0.1
+    panel.set_values(lr=0.3)
+    panel.run_button.click()  # a later Run replaces the record with its own knobs
+    assert recorded()["inputs"]["value"]["lr"] == 0.3
+
+
+def test_lab4_reuses_lab3s_finished_runs(tmp_path):
+    from labkit.labs import lab3, lab4
+
+    knobs = {"optimizers": ("sgd",), "batch_sizes": (64,), "epochs": 2}
+
+    def lab_panel(mod, out, **kw):
+        panel = widgets.ExperimentPanel(
+            mod.LAB_ID, controls=mod.controls(), build_grid=mod.grid, out_dir=out,
+            validate=mod.validate, defaults=mod.defaults, curve_label=mod.label,
+            profile="smoke", background=False, **kw)
+        panel.set_values(**knobs)
+        return panel
+
+    lab3_dir = tmp_path / lab3.LAB_ID / "smoke"
+    lab3_panel = lab_panel(lab3, lab3_dir)
+    assert lab3_panel.run().complete
+    panel = lab_panel(lab4, tmp_path / "lab4", reuse=lambda profile: [lab3_dir])
+    result = panel.run()
+    assert [p.loaded for p in result.points] == [True]  # nothing trained
+    assert "1 run: 0 trained, 1 loaded from disk (1 of them copied from lab3_critical_batch)" \
+        in panel.status_text
+    assert list(panel.results["test_acc"]) == list(lab3_panel.results["test_acc"])
+    assert lab4.reuse("smoke")[0].endswith("lab3_critical_batch/smoke")
+
+
+def test_results_are_ordinary_outputs_too(kernel):
+    """Below the displayed panel: one output per figure and one with the status line (and the
+    runs table), replaced after every run, so a saved notebook shows them without widgets."""
+    _, kc = kernel
+    setup = """
+from labkit import widgets
+
+def task(values, panel):
+    fig = widgets.new_figure()
+    fig.add_subplot().plot([0, 1], [1, values["n"]])
+    panel.show(fig)
+    panel.set_status(f"drew n = {values['n']}")
+    return values["n"]
+
+panel = widgets.ControlPanel("t", {"n": widgets.int_text("n", 1)}, task, profile="smoke")
+"""
+    assert _execute(kc, setup)[0]["status"] == "ok"
+
+    def outputs(code):
+        msg_id = kc.execute(code)
+        got = []
+        while True:
+            msg = kc.get_iopub_msg(timeout=60)
+            kind = msg["msg_type"]
+            if kind in ("display_data", "update_display_data"):
+                got.append((kind, msg["content"]["transient"].get("display_id", ""),
+                            msg["content"]["data"]))
+            if (kind == "status" and msg["parent_header"].get("msg_id") == msg_id
+                    and msg["content"]["execution_state"] == "idle"):
+                return got
+
+    shown = outputs("panel")
+    assert [k for k, _, _ in shown] == ["display_data"] * 3
+    assert "application/vnd.jupyter.widget-view+json" in shown[0][2]
+    figure_id, summary_id = shown[1][1], shown[2][1]
+    assert figure_id and summary_id and shown[1][2] == {"text/plain": ""}
+    updates = outputs("r = await panel.run_async(n=3)")
+    final = {display_id: data for kind, display_id, data in updates
+             if kind == "update_display_data"}
+    assert final[figure_id]["image/png"].startswith("iVBOR")  # a PNG, base64
+    assert "drew n = 3" in final[summary_id]["text/html"]
+    assert final[summary_id]["text/plain"] == "drew n = 3"

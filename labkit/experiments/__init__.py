@@ -1,7 +1,8 @@
 """Experiments: grids of training runs, their results as tables, and the papers' figures.
 
 Book: the labs (chapters 4, 7 and 8). :mod:`~labkit.experiments.sweep` runs a grid of
-:func:`labkit.train.train` runs, resumably; :mod:`~labkit.experiments.results` reads them back
+:func:`labkit.train.train` runs, resumably (here, or on a Ray cluster with
+:mod:`~labkit.experiments.ray_executor`); :mod:`~labkit.experiments.results` reads them back
 as ``pandas`` tables (and derives smoothing degree and sharpness);
 :mod:`~labkit.experiments.sfo` measures T, the SFO complexity, the critical batch size and the
 C^2 bound from the runs' per-step gradient norms; :mod:`~labkit.experiments.plots` draws

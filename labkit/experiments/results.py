@@ -25,6 +25,7 @@ from typing import Any
 from labkit.store import (
     INDEX_FILE,
     RUNS_FOLDER,
+    DamagedFileError,
     atomic_write_json,
     read_index,
     read_jsonl,
@@ -38,6 +39,7 @@ __all__ = [
     "HISTORY_COLUMNS",
     "RESULT_COLUMNS",
     "add_delta",
+    "final_model",
     "load_history",
     "load_results",
     "measure_gradient_stats",
@@ -51,7 +53,7 @@ GRADIENT_STATS_FILE = "gradient-stats.json"
 #: placed after ``seed``.
 CONFIG_COLUMNS = (
     "optimizer", "lr", "batch_size", "seed", "epochs", "weight_decay", "lr_schedule",
-    "batch_schedule", "dataset", "model", "profile", "precision", "augment", "device",
+    "batch_schedule", "dataset", "model", "profile", "precision", "augment", "rotate", "device",
 )
 #: Summary columns of :func:`load_results` (after the config columns).
 RESULT_COLUMNS = (
@@ -106,8 +108,12 @@ def _entries(folder: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
             identity = cfg.identity()
         except (ValueError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{run / 'config.json'} is not a valid labkit run config: {e}") from e
-        status, metrics = run_state(run)
-        entry = {"order": order, "config": identity, "status": status, "error": None,
+        try:
+            status, metrics = run_state(run)
+            error = None
+        except DamagedFileError as e:  # listed with what to do; the other runs go on
+            status, metrics, error = "damaged", read_jsonl(run / "metrics.jsonl"), str(e)
+        entry = {"order": order, "config": identity, "status": status, "error": error,
                  "folder": os.path.relpath(run, base)}
         entry.update(summarize_metrics(metrics))
         out.append((run.name, entry))
@@ -208,6 +214,17 @@ def load_results(folder: str | os.PathLike):
     return _frame(rows, cols)
 
 
+def _run_metrics(folder: Path) -> list[dict[str, Any]]:
+    """A run's epochs: ``result.json``'s for an ended run (the authority), else those of
+    ``metrics.jsonl``; a damaged ``result.json`` falls back to the log (the index and
+    :func:`load_results` report it)."""
+    try:
+        status, metrics = run_state(folder)
+    except DamagedFileError:
+        return read_jsonl(folder / "metrics.jsonl")
+    return metrics if status in ("finished", "diverged") else read_jsonl(folder / "metrics.jsonl")
+
+
 def load_history(folder: str | os.PathLike):
     """One row per (run, finished epoch) of a sweep folder, as a ``pandas.DataFrame``.
 
@@ -222,7 +239,7 @@ def load_history(folder: str | os.PathLike):
         else folder.parent
     rows = []
     for (_, e), cfg_row in zip(entries, cfg_rows, strict=True):
-        for m in read_jsonl(base / e["folder"] / "metrics.jsonl"):
+        for m in _run_metrics(base / e["folder"]):
             row = dict(cfg_row)
             row.update({k: m.get(k) for k in HISTORY_COLUMNS})
             row["epoch_lr"] = m.get("lr")
@@ -345,15 +362,22 @@ def _store(store: Path, records: list[dict[str, Any]], settings: Mapping[str, An
     atomic_write_json(store, {"records": records})
 
 
-def _final_model(folder: Path, cfg: TrainConfig, num_classes: int, device: Any) -> Any:
-    """The run's model with the weights of its last checkpoint, on ``device``."""
-    import torch
+def final_model(folder: Path, cfg: TrainConfig, num_classes: int, device: Any,
+                in_channels: int = 3) -> Any:
+    """The run's model with the weights of its last checkpoint, on ``device``.
 
+    ``folder`` is a run folder holding ``checkpoint.pt``; ``cfg`` its resolved config.
+    """
     from labkit import models as lk_models
+    from labkit.train import load_checkpoint
 
-    model = lk_models.build_model(cfg.model, num_classes)
-    ckpt = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
+    model = lk_models.build_model(cfg.model, num_classes, in_channels=in_channels)
+    ckpt = load_checkpoint(folder / "checkpoint.pt")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{folder / 'checkpoint.pt'} holds no {cfg.model} model of this run "
+                         f"({type(e).__name__}); train the run again to write it") from None
     return model.to(device)
 
 
@@ -372,6 +396,7 @@ def measure_sharpness(
     device: str = "auto",
     data_root: str | None = None,
     cache: bool = True,
+    stored_only: bool = False,
 ) -> float:
     """Adaptive sharpness of a run's last checkpoint (Sato & Iiduka (2024) §5.3; loss units).
 
@@ -392,7 +417,8 @@ def measure_sharpness(
 
     The value is stored in ``<run>/sharpness.json`` under its settings and the number of
     epochs the checkpoint holds; ``cache=True`` returns a stored value for the same settings
-    instead of measuring again.
+    instead of measuring again. ``stored_only=True`` never measures: it returns the stored
+    value, or NaN when there is none (what a stopped panel still shows).
 
     Raises:
         FileNotFoundError: the folder has no ``config.json`` or ``checkpoint.pt``.
@@ -429,8 +455,10 @@ def measure_sharpness(
                 "seed": seed if selection == "random" else None, "epochs": epochs}
     store = folder / SHARPNESS_FILE
     records, found = _cached(store, settings, "sharpness")
-    if cache and found is not None:
+    if (cache or stored_only) and found is not None:
         return float(found)
+    if stored_only:
+        return math.nan
 
     dev = resolve_device(device)
     data = prepare_data(cfg, dev)
@@ -451,7 +479,7 @@ def measure_sharpness(
     ys = y[idx]
     batches = [(xs[i * bs:(i + 1) * bs], ys[i * bs:(i + 1) * bs]) for i in range(n_batches)]
 
-    model = _final_model(folder, cfg, data.num_classes, dev)
+    model = final_model(folder, cfg, data.num_classes, dev, int(data.train_x.shape[1]))
     value = float(adaptive_sharpness(model, lambda out, t: F.cross_entropy(out, t), batches,
                                      rho, norm=norm, adaptive=adaptive, n_iters=n_iters))
     _store(store, records, settings, "sharpness", value)
@@ -467,6 +495,7 @@ def measure_gradient_stats(
     device: str = "auto",
     data: Any = None,
     cache: bool = True,
+    stored_only: bool = False,
 ) -> Any:
     """C^2 and ||grad f||^2 at a run's final weights (:func:`labkit.noise.gradient_variance`).
 
@@ -488,9 +517,10 @@ def measure_gradient_stats(
         device: "auto", "cpu" or "cuda".
         data: the run's :class:`labkit.data.CifarData` if already loaded (sweeps share it).
         cache: reuse a stored value.
+        stored_only: never measure; return the stored value or None.
 
     Returns:
-        a :class:`labkit.noise.GradientStats`.
+        a :class:`labkit.noise.GradientStats` (None: ``stored_only`` and nothing stored).
 
     Raises:
         FileNotFoundError: the folder has no ``config.json`` or ``checkpoint.pt``.
@@ -513,8 +543,10 @@ def measure_gradient_stats(
                 "epochs": _finished_epochs(folder, "gradient variance")}
     store = folder / GRADIENT_STATS_FILE
     records, found = _cached(store, settings, "stats")
-    if cache and found is not None:
+    if (cache or stored_only) and found is not None:
         return lk_noise.GradientStats(**found)
+    if stored_only:
+        return None
 
     dev = resolve_device(device)
     data = prepare_data(cfg, dev) if data is None else data.to(dev)
@@ -525,7 +557,7 @@ def measure_gradient_stats(
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=gen)[:n_images].to(data.train_x.device)
     x = lk_data.normalize(data.train_x[idx], data.mean, data.std)
-    model = _final_model(folder, cfg, data.num_classes, dev)
+    model = final_model(folder, cfg, data.num_classes, dev, int(data.train_x.shape[1]))
     stats = lk_noise.gradient_variance(
         model, lambda out, t: F.cross_entropy(out.float(), t, reduction="none"),
         (x, data.train_y[idx]), chunk_size=chunk_size)

@@ -68,7 +68,7 @@ __all__ = [
 #: Whole epochs the stopping test skips in the authors' code (``epoch > 10``, 0-based).
 AUTHORS_SKIP_EPOCHS = 11
 #: Epochs the test skips in each lab profile (the smoke and short runs are too short for 11).
-SKIP_EPOCHS = {"smoke": 1, "short": 2, "paper": AUTHORS_SKIP_EPOCHS}
+SKIP_EPOCHS = {"smoke": 1, "cpu": AUTHORS_SKIP_EPOCHS, "short": 2, "paper": AUTHORS_SKIP_EPOCHS}
 #: Columns of :func:`sfo_of_sweep`.
 RUN_COLUMNS = ("run", "optimizer", "lr", "beta", "batch_size", "seed", "status",
                "epochs_completed", "steps", "sfo", "reached", "complete", "first_step",
@@ -498,7 +498,7 @@ def measure_sfo(
             f"skip_epochs={skip_epochs} leaves no epoch to test in runs of {base.epochs} "
             f"epochs; use skip_epochs < {base.epochs} (lab 3's smoke profile skips "
             f"{SKIP_EPOCHS['smoke']}) or more epochs")
-    out = Path(out)
+    out = store.check_folder(out, "a measurement")
     if (out / _OLD_MEASUREMENT_FILE).exists():
         raise ValueError(
             f"{out} holds a measurement of labkit 0.2 (its results are in {out}/sfo-b<b>.json), "

@@ -39,8 +39,19 @@ and keeps ``<out>/index.json`` (hash -> config identity, status and summary metr
 atomically whenever a point starts or ends, so :func:`labkit.experiments.load_results` can read
 it while the sweep runs. Statuses: ``pending`` (nothing on disk), ``running``, ``stopped``
 (epochs on disk, resumable), ``finished``, ``diverged`` (a non-finite loss; recorded, the sweep
-goes on) and ``failed`` (an exception inside training; recorded with its message, retried on
-the next call).
+goes on), ``failed`` (an exception inside training; recorded with its message, retried on
+the next call) and ``damaged`` (its ``result.json`` cannot be read; the error says what to do
+and the sweep goes on without it).
+
+A grid of more than :data:`MAX_POINTS` points is refused before it is expanded (``max_points``
+raises the limit). One process at a time writes into a sweep folder
+(:func:`labkit.store.writing`); a second one stops with :class:`labkit.store.FolderBusyError`.
+
+Who trains the points is the *executor*'s business (``run_sweep(..., executor=...)``): by
+default :func:`local_executor`, one point after another in this process;
+:class:`labkit.experiments.ray_executor.RayExecutor` runs them as tasks on a Ray cluster. Both
+call :func:`run_point` for each point and report to a :class:`SweepRun`, which keeps
+``index.json``: only the process that called :func:`run_sweep` writes it.
 """
 
 from __future__ import annotations
@@ -50,7 +61,6 @@ import itertools
 import math
 import os
 import re
-import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +70,8 @@ from typing import Any
 from labkit import data as lk_data
 from labkit import optim as lk_optim
 from labkit import schedules as lk_schedules
+from labkit import store
+from labkit.digits import N_TRAIN as N_DIGITS_TRAIN
 from labkit.experiments.results import load_results
 from labkit.store import INDEX_FILE, RUNS_FOLDER, SweepIndex, run_state, summarize_metrics
 from labkit.train import (
@@ -77,22 +89,32 @@ from labkit.train import (
 
 __all__ = [
     "INDEX_FILE",
+    "MAX_POINTS",
     "RUNS_FOLDER",
     "STATUSES",
+    "Executor",
     "Grid",
     "GridError",
+    "PointOutcome",
     "PointResult",
     "SweepResult",
+    "SweepRun",
     "expand_grid",
     "load_spec",
+    "local_executor",
+    "pack_units",
     "plan_sweep",
+    "run_pack",
+    "run_point",
     "run_sweep",
     "summarize_metrics",
     "train_set_size",
 ]
 
-STATUSES = ("pending", "running", "stopped", "finished", "diverged", "failed")
+STATUSES = ("pending", "running", "stopped", "finished", "diverged", "failed", "damaged")
 SPEC_KEYS = ("base", "grid", "zip")
+#: The largest grid (points before de-duplication) a sweep expands unless told otherwise.
+MAX_POINTS = 10_000
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # Chosen by the sweep, not by the spec.
@@ -327,13 +349,18 @@ class Grid:
             d["hparams"][ax.name] = value
         return TrainConfig(**d)
 
-    def configs(self) -> list[TrainConfig]:
+    def configs(self, max_points: int | None = MAX_POINTS) -> list[TrainConfig]:
         """Every point's resolved config, validated, without duplicates, in product order.
 
         Raises:
             GridError: a point has an invalid value (the message names the point and the
-                field, and the spec line when the spec came from :func:`load_spec`).
+                field, and the spec line when the spec came from :func:`load_spec`), or the
+                grid has more than ``max_points`` points (None: no limit).
         """
+        try:
+            check_grid_size(self, max_points)
+        except GridError as e:
+            raise _located(e, self.lines, self.source) from None
         points = self.points()
         configs: list[TrainConfig] = []
         hashes: set[str] = set()
@@ -351,6 +378,25 @@ class Grid:
                 hashes.add(h)
                 configs.append(cfg)
         return configs
+
+
+def check_grid_size(grid: Grid, max_points: int | None = MAX_POINTS) -> int:
+    """The number of points of ``grid`` (counted from its axis lengths, nothing expanded).
+
+    Raises:
+        GridError: more than ``max_points`` (None: no limit).
+    """
+    if max_points is not None and (isinstance(max_points, bool)
+                                   or not isinstance(max_points, int) or max_points < 1):
+        raise ValueError(f"max_points must be None or an integer >= 1; got {max_points!r}")
+    n = len(grid)
+    if max_points is not None and n > max_points:
+        sizes = [len(v) for _, v in grid.axes] + [len(g[0][1]) for g in grid.zips]
+        raise GridError(
+            f"the grid has {n:,} points ({' x '.join(map(str, sizes))}), more than the limit "
+            f"of {max_points:,}: shrink an axis, or raise the limit (labkit sweep --max-points "
+            f"N; max_points=N in Python)", ("grid",))
+    return n
 
 
 def _classify(key: str, optimizers: set[str], loc: tuple[str, ...]) -> _Axis:
@@ -413,15 +459,17 @@ def _located(err: GridError, lines: Mapping[tuple, int], source: str | None) -> 
     return GridError(f"{where}: {err}", err.key)
 
 
-def expand_grid(spec: Mapping[str, Any] | Grid) -> list[TrainConfig]:
+def expand_grid(spec: Mapping[str, Any] | Grid,
+                max_points: int | None = MAX_POINTS) -> list[TrainConfig]:
     """The resolved, validated, de-duplicated configs of a grid spec (see the module docstring).
 
     Raises:
-        GridError (a ValueError): an unknown key, an empty grid or axis, unequal zip lengths, or
-            a point whose config :meth:`TrainConfig.resolved` rejects.
+        GridError (a ValueError): an unknown key, an empty grid or axis, unequal zip lengths, a
+            point whose config :meth:`TrainConfig.resolved` rejects, or more than
+            ``max_points`` points (counted before anything is expanded; None: no limit).
     """
     grid = spec if isinstance(spec, Grid) else Grid.from_spec(spec)
-    return grid.configs()
+    return grid.configs(max_points)
 
 
 # --------------------------------------------------------------------------- YAML
@@ -538,6 +586,8 @@ def train_set_size(config: TrainConfig) -> int:
     Raises:
         FileNotFoundError / labkit.data.DatasetError: the data set is missing or corrupt.
     """
+    if config.dataset == "digits":  # a fixed split (labkit.digits)
+        return N_DIGITS_TRAIN
     if config.profile == "smoke":
         root = Path(config.data_root) if config.data_root else lk_data.default_data_root()
         folder = root / SMOKE_FOLDER
@@ -561,11 +611,16 @@ def _check_batch_sizes(configs: Sequence[TrainConfig], sizes: Mapping[tuple, int
         n = sizes[_data_key(cfg)]
         b = _max_batch_size(cfg)
         if b > n:
+            grows = "" if b == cfg.batch_size else (
+                f"its batch-size schedule grows b from {cfg.batch_size} to {b}, which ")
+            fix = f"use batch sizes <= {n}" if not grows else (
+                f"start from a smaller batch size (the schedule multiplies it by "
+                f"{b / cfg.batch_size:g}) or use fewer growth stages")
             raise GridError(
                 f"grid point {i + 1} of {len(configs)} (optimizer={cfg.optimizer!r}, "
-                f"lr={cfg.lr!r}, batch_size={cfg.batch_size!r}): batch size {b} exceeds the "
-                f"{n} training images of {cfg.dataset} (profile {cfg.profile!r}); use batch "
-                f"sizes <= {n}",
+                f"lr={cfg.lr!r}, batch_size={cfg.batch_size!r}): {grows}"
+                f"{'exceeds' if grows else f'batch size {b} exceeds'} the "
+                f"{n} training images of {cfg.dataset} (profile {cfg.profile!r}); {fix}",
                 ("grid", "batch_size"),
             )
 
@@ -623,9 +678,9 @@ class SweepResult:
         return load_results(self.out)
 
 
-def _as_configs(spec_or_configs: Any) -> list[TrainConfig]:
+def _as_configs(spec_or_configs: Any, max_points: int | None = MAX_POINTS) -> list[TrainConfig]:
     if isinstance(spec_or_configs, (Mapping, Grid)):
-        return expand_grid(spec_or_configs)
+        return expand_grid(spec_or_configs, max_points)
     if isinstance(spec_or_configs, TrainConfig):
         spec_or_configs = [spec_or_configs]
     if not isinstance(spec_or_configs, Iterable) or isinstance(spec_or_configs, (str, bytes)):
@@ -636,6 +691,9 @@ def _as_configs(spec_or_configs: Any) -> list[TrainConfig]:
     items = list(spec_or_configs)
     if not items:
         raise GridError("the list of configs is empty; give at least one TrainConfig")
+    if max_points is not None and len(items) > max_points:
+        raise GridError(f"{len(items):,} configs, more than the limit of {max_points:,}; pass "
+                        "max_points=N to raise it")
     configs, hashes = [], set()
     for i, cfg in enumerate(items):
         if not isinstance(cfg, TrainConfig):
@@ -686,12 +744,19 @@ def _stop_predicate(stop_event: Any) -> Callable[[], bool]:
     )
 
 
-_ACTIVE: set[str] = set()
-_ACTIVE_LOCK = threading.Lock()
+def _state(folder: Path) -> tuple[str, list[dict[str, Any]], str | None]:
+    """(status, metrics, error) of a point's run folder; ``damaged`` when its result.json
+    cannot be read (the error names the file and what to do)."""
+    try:
+        status, metrics = run_state(folder)
+    except store.DamagedFileError as e:
+        return "damaged", store.read_jsonl(folder / store.METRICS_FILE), str(e)
+    return status, metrics, None
 
 
 def plan_sweep(
-    spec_or_configs: Any, out: str | os.PathLike, *, check_data: bool = False
+    spec_or_configs: Any, out: str | os.PathLike, *, check_data: bool = False,
+    max_points: int | None = MAX_POINTS,
 ) -> list[PointResult]:
     """The points of a sweep and their status on disk, without training anything.
 
@@ -703,8 +768,8 @@ def plan_sweep(
             than the training set.
         FileNotFoundError / labkit.data.DatasetError: with ``check_data``, a missing data set.
     """
-    out = Path(out)
-    configs = _as_configs(spec_or_configs)
+    out = store.check_folder(out, "a sweep")
+    configs = _as_configs(spec_or_configs, max_points)
     if check_data:
         sizes: dict[tuple, int] = {}
         for cfg in configs:
@@ -717,8 +782,7 @@ def plan_sweep(
     for i, cfg in enumerate(configs):
         h = config_hash(cfg)
         folder = out / RUNS_FOLDER / h
-        status, _ = run_state(folder)
-        error = None
+        status, _, error = _state(folder)
         if index is not None and status in ("pending", "stopped"):
             stored = index.points.get(h, {})
             if stored.get("status") == "failed":
@@ -737,6 +801,8 @@ def run_sweep(
     stop_event: Any = None,
     on_run_end: Callable[[PointResult], None] | None = None,
     pack: bool = True,
+    executor: Executor | None = None,
+    max_points: int | None = MAX_POINTS,
 ) -> SweepResult:
     """Run every point of a grid, skipping finished ones and resuming interrupted ones.
 
@@ -755,7 +821,13 @@ def run_sweep(
             optimizer step; the running point stops at once with its last finished epoch on
             disk, and the next call resumes it. A notebook's Stop button sets the event.
         on_run_end: called with each :class:`PointResult` as soon as the point is done
-            (trained, loaded, stopped, diverged or failed).
+            (trained, loaded, stopped, diverged, failed or damaged).
+        executor: what runs the points: None (the default, :func:`local_executor`) trains
+            them one after another in this process; a
+            :class:`labkit.experiments.ray_executor.RayExecutor` runs each one as a task on a
+            Ray cluster (``callbacks`` then see only the points trained here, none). Either
+            way this process alone writes ``index.json``.
+        max_points: refuse a grid of more points than this (None: no limit).
         pack: train the points that share model, data set, batch-size schedule and epochs
             (and use SGD, SHB or NSHB) as packs of K runs at once
             (:func:`labkit.train_pack.train_pack`; K from the GPU's free memory, 8 on the CPU
@@ -770,7 +842,8 @@ def run_sweep(
     Raises:
         GridError: a bad spec or a batch size larger than the training set (before any run).
         FileNotFoundError / labkit.data.DatasetError: a data set is missing.
-        RuntimeError: another sweep in this process is writing to the same ``out``.
+        labkit.store.FolderBusyError (a RuntimeError): another sweep (in this process or
+            another) is writing into ``out``.
         KeyboardInterrupt: re-raised after the index records the interrupted point as
             ``stopped`` (its folder is resumable).
 
@@ -778,7 +851,7 @@ def run_sweep(
     ``failed`` with its message and the sweep goes on; a non-finite loss marks it ``diverged``.
     """
     should_stop = _stop_predicate(stop_event)
-    configs = _as_configs(spec_or_configs)
+    configs = _as_configs(spec_or_configs, max_points)
     out = Path(out)
 
     # Data: loaded once per key; batch sizes checked against every set before training.
@@ -789,16 +862,10 @@ def run_sweep(
             datasets[key] = prepare_data(cfg, resolve_device(cfg.device))
     _check_batch_sizes(configs, {k: int(d.train_y.shape[0]) for k, d in datasets.items()})
 
-    lock_key = str(out.resolve())
-    with _ACTIVE_LOCK:
-        if lock_key in _ACTIVE:
-            raise RuntimeError(f"a sweep is already running into {out} in this process")
-        _ACTIVE.add(lock_key)
-    try:
-        return _run(configs, out, datasets, callbacks, progress, should_stop, on_run_end, pack)
-    finally:
-        with _ACTIVE_LOCK:
-            _ACTIVE.discard(lock_key)
+    with store.writing(out, "a sweep"):
+        store.clean_temporary_files(out)
+        return _run(configs, out, datasets, callbacks, progress, should_stop, on_run_end,
+                    executor or local_executor, pack)
 
 
 def _run(
@@ -809,6 +876,7 @@ def _run(
     progress: bool,
     should_stop: Callable[[], bool],
     on_run_end: Callable[[PointResult], None] | None,
+    executor: Executor,
     pack: bool = False,
 ) -> SweepResult:
     (out / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
@@ -819,8 +887,7 @@ def _run(
     for i, cfg in enumerate(configs):
         h = config_hash(cfg)
         folder = out / RUNS_FOLDER / h
-        status, metrics = run_state(folder)
-        error = None
+        status, metrics, error = _state(folder)
         old = previous.get(h, {})
         if status in ("pending", "stopped") and old.get("status") == "failed":
             status, error = "failed", old.get("error")
@@ -833,73 +900,205 @@ def _run(
         index.points[h] = dict(previous[h], order=len(configs) + k)
     index.save()
 
-    bar = None
+    sweep = SweepRun(out=out, points=points, index=index, datasets=datasets,
+                     callbacks=tuple(callbacks), progress=progress, should_stop=should_stop,
+                     on_run_end=on_run_end, pack=pack)
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(points), desc="sweep", unit="run")
-    stop_cb = _StopCallback(should_stop)
-    stopped = False
+        sweep.bar = tqdm(total=len(points), desc="sweep", unit="run")
     try:
-        for unit, packed in pack_units(points, datasets, pack):
-            if should_stop():
-                stopped = True
-                break
-            if packed:
-                _train_pack_unit(unit, index, datasets, (*callbacks, stop_cb), progress)
-            for point in unit:
-                if not packed:
-                    _train_point(point, index, datasets, (*callbacks, stop_cb), progress)
-                index.save()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(last=point.status)
-                if on_run_end is not None:
-                    on_run_end(point)
-            if any(point.status == "stopped" for point in unit):
-                stopped = True
-                break
+        for point in points:  # reported here; no executor runs a damaged point
+            if point.status == "damaged":
+                sweep.skipped(point)
+        stopped = executor(sweep)
     finally:
-        if bar is not None:
-            bar.close()
-    return SweepResult(out=str(out), points=points, stopped=stopped)
+        if sweep.bar is not None:
+            sweep.bar.close()
+    return SweepResult(out=str(out), points=points, stopped=bool(stopped))
 
 
-def _train_point(point: PointResult, index: SweepIndex, datasets: dict[tuple, lk_data.CifarData],
-                 callbacks: Sequence[Callback], progress: bool) -> None:
-    """Train (or load) one point with :func:`labkit.train.train`; record it in the index."""
-    cfg = point.config
-    if point.status not in ("finished", "diverged"):
-        index.set(point.hash, point.index, cfg.identity(), "running",
-                  run_state(Path(point.folder))[1])
-        index.save()
+# --------------------------------------------------------------------------- executors
+
+
+@dataclass
+class PointOutcome:
+    """What running one point gave: its status, and its result or its error.
+
+    Attributes:
+        status: ``finished``, ``diverged``, ``stopped`` or ``failed``.
+        result: the :class:`~labkit.train.RunResult` (None for a failed point).
+        error: ``"ExceptionType: message"`` of a failed point.
+        detail: the end of the failed point's traceback.
+    """
+
+    status: str
+    result: RunResult | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+def run_point(
+    config: TrainConfig,
+    *,
+    data: lk_data.CifarData | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = False,
+) -> PointOutcome:
+    """Train (or load, or resume) one point in its run folder ``config.out``: the work of one
+    point, the same whichever executor calls it.
+
+    An exception inside training is caught and returned as a ``failed`` outcome (one failing
+    run must not end the sweep); a KeyboardInterrupt is not caught.
+    """
     try:
-        result = train(cfg, callbacks=callbacks, progress=progress,
-                       data=datasets[_data_key(cfg)])
-    except KeyboardInterrupt:
-        point.status = "stopped"
-        index.set(point.hash, point.index, cfg.identity(), "stopped",
-                  run_state(Path(point.folder))[1])
-        index.save()
-        raise
-    except Exception as e:  # one failing run must not end the sweep
-        _record_failure(point, index, e)
-    else:
-        _record_result(point, index, result)
+        result = train(config, callbacks=callbacks, progress=progress, data=data)
+    except Exception as e:
+        return PointOutcome("failed", error=f"{type(e).__name__}: {e}",
+                            detail=traceback.format_exc(limit=-8))
+    return PointOutcome(result.status, result=result)
 
 
-def _record_failure(point: PointResult, index: SweepIndex, e: Exception) -> None:
-    point.status = "failed"
-    point.error = f"{type(e).__name__}: {e}"
-    tb = traceback.format_exc(limit=-8)
-    index.set(point.hash, point.index, point.config.identity(), "failed",
-              run_state(Path(point.folder))[1], error=point.error + "\n" + tb)
+def run_pack(
+    configs: Sequence[TrainConfig],
+    *,
+    data: lk_data.CifarData | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = False,
+) -> list[PointOutcome]:
+    """Train points together as one pack (:func:`labkit.train_pack.train_pack`): each run and
+    its folder are what training it alone gives. If the pack raises (e.g. out of memory), the
+    points train one at a time with :func:`run_point`, so that a point's error is its own.
+    """
+    from labkit.train_pack import train_pack
+
+    try:
+        results = train_pack(configs, callbacks, progress=progress, data=data)
+    except Exception:
+        return [run_point(c, data=data, callbacks=callbacks, progress=progress) for c in configs]
+    return [PointOutcome(r.status, result=r) for r in results]
 
 
-def _record_result(point: PointResult, index: SweepIndex, result: RunResult) -> None:
-    point.result, point.loaded = result, result.loaded
-    point.status, point.error = result.status, None
-    index.set(point.hash, point.index, point.config.identity(), result.status, result.metrics)
+@dataclass
+class SweepRun:
+    """One call of :func:`run_sweep` as an executor sees it: the points and the driver's
+    bookkeeping.
+
+    An executor runs ``points`` (any order, anywhere) and reports each through
+    :meth:`started`, :meth:`finished` or :meth:`interrupted`, which keep ``index.json``, the
+    progress bar and ``on_run_end`` up to date: only the process that called
+    :func:`run_sweep` writes the index.
+    """
+
+    out: Path
+    points: list[PointResult]
+    index: SweepIndex
+    datasets: dict[tuple, lk_data.CifarData]
+    callbacks: tuple[Callback, ...]
+    progress: bool
+    should_stop: Callable[[], bool]
+    on_run_end: Callable[[PointResult], None] | None = None
+    pack: bool = False
+    bar: Any = None
+    running: set[str] = field(default_factory=set)
+
+    def data_for(self, config: TrainConfig) -> lk_data.CifarData:
+        """The data set of a point, loaded once on this process's device."""
+        return self.datasets[_data_key(config)]
+
+    def _save(self, point: PointResult, status: str, error: str | None = None) -> None:
+        self.index.set(point.hash, point.index, point.config.identity(), status,
+                       _state(Path(point.folder))[1], error)
+        self.index.save()
+
+    def _postfix(self, last: str | None = None) -> None:
+        if self.bar is None:
+            return
+        failed = sum(p.status == "failed" for p in self.points if p.hash not in self.running)
+        extra = {"last": last} if last else {}
+        self.bar.set_postfix(running=len(self.running), failed=failed, **extra)
+
+    def started(self, point: PointResult) -> None:
+        """The point has started training: ``running`` in the index."""
+        self.running.add(point.hash)
+        self._save(point, "running")
+        self._postfix()
+
+    def finished(self, point: PointResult, outcome: PointOutcome) -> None:
+        """The point is done (trained, loaded, stopped, diverged or failed)."""
+        self.running.discard(point.hash)
+        point.status, point.error = outcome.status, outcome.error
+        if outcome.result is not None:
+            point.result, point.loaded = outcome.result, outcome.result.loaded
+            self.index.set(point.hash, point.index, point.config.identity(), outcome.status,
+                           outcome.result.metrics)
+            self.index.save()
+        else:
+            error = outcome.error if outcome.detail is None else (
+                f"{outcome.error}\n{outcome.detail}")
+            self._save(point, outcome.status, error)
+        if self.bar is not None:
+            self.bar.update(1)
+        self._postfix(point.status)
+        if self.on_run_end is not None:
+            self.on_run_end(point)
+
+    def skipped(self, point: PointResult) -> None:
+        """The point is not run (a damaged ``result.json``): counted and reported as done."""
+        if self.bar is not None:
+            self.bar.update(1)
+        self._postfix(point.status)
+        if self.on_run_end is not None:
+            self.on_run_end(point)
+
+    def interrupted(self, point: PointResult) -> None:
+        """The point was cut short (Ctrl-C, a cancelled task): its status is what its folder
+        holds, ``stopped`` (resumable from its last checkpoint), ``pending`` (no epoch
+        finished) or ``finished`` (it ended as it was cut)."""
+        self.running.discard(point.hash)
+        point.status = _state(Path(point.folder))[0]
+        self._save(point, point.status)
+
+
+#: An executor runs a sweep's points and returns True when a stop request ended it early.
+Executor = Callable[[SweepRun], bool]
+
+
+def local_executor(sweep: SweepRun) -> bool:
+    """Run the points in this process, in order: one at a time, or as packs of runs trained
+    together (:func:`pack_units`, when ``run_sweep(pack=True)``; the default executor).
+
+    Finished points are loaded from disk; the stop request is checked before each unit and
+    after every optimizer step; Ctrl-C records the running points as resumable and re-raises.
+    """
+    stop_cb = _StopCallback(sweep.should_stop)
+    callbacks = (*sweep.callbacks, stop_cb)
+    points = [p for p in sweep.points if p.status != "damaged"]  # reported by run_sweep
+    for unit, packed in pack_units(points, sweep.datasets, sweep.pack):
+        if sweep.should_stop():
+            return True
+        for point in unit:
+            if point.status not in ("finished", "diverged"):
+                sweep.started(point)
+        data = sweep.data_for(unit[0].config)
+        try:
+            if packed:
+                outcomes = run_pack([p.config for p in unit], data=data, callbacks=callbacks,
+                                    progress=sweep.progress)
+            else:
+                outcomes = [run_point(unit[0].config, data=data, callbacks=callbacks,
+                                      progress=sweep.progress)]
+        except KeyboardInterrupt:
+            for point in unit:
+                sweep.interrupted(point)
+            raise
+        for point, outcome in zip(unit, outcomes, strict=True):
+            sweep.finished(point, outcome)
+        if any(point.status == "stopped" for point in unit):
+            return True
+    return False
+
+
 
 
 # --------------------------------------------------------------------------- packs
@@ -943,32 +1142,3 @@ def pack_units(
         on_cuda = resolve_device(cfg.device).type == "cuda"
         out.extend((unit[i:i + k], k > 1 or on_cuda) for i in range(0, len(unit), k))
     return out
-
-
-def _train_pack_unit(unit: list[PointResult], index: SweepIndex,
-                     datasets: dict[tuple, lk_data.CifarData], callbacks: Sequence[Callback],
-                     progress: bool) -> None:
-    """Train a pack of points and record each in the index; if the pack raises, the points
-    train one at a time (so a point's error is its own)."""
-    from labkit.train_pack import train_pack
-
-    for point in unit:
-        index.set(point.hash, point.index, point.config.identity(), "running",
-                  run_state(Path(point.folder))[1])
-    index.save()
-    try:
-        results = train_pack([p.config for p in unit], callbacks, progress=progress,
-                             data=datasets[_data_key(unit[0].config)])
-    except KeyboardInterrupt:
-        for point in unit:
-            point.status = "stopped"
-            index.set(point.hash, point.index, point.config.identity(), "stopped",
-                      run_state(Path(point.folder))[1])
-        index.save()
-        raise
-    except Exception:  # e.g. out of memory: each point alone, with its own error if any
-        for point in unit:
-            _train_point(point, index, datasets, callbacks, progress)
-    else:
-        for point, result in zip(unit, results, strict=True):
-            _record_result(point, index, result)

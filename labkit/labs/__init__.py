@@ -20,7 +20,7 @@ results folder, the prefix of its grade_ids and its ``metadata.labkit.lab``). Ev
 trains (1, 3, 4, 5, 6) gives its :class:`labkit.widgets.ExperimentPanel` the same interface:
 
 - ``controls()``: the panel's knobs, name -> widget;
-- ``defaults(profile)``: the knob values of the smoke, short and paper profiles;
+- ``defaults(profile)``: the knob values of the smoke, cpu, short and paper profiles;
 - ``validate(values)``: why the knobs cannot run, as messages (empty when they can);
 - ``grid(values)``: the runs the knobs ask for, a list of :class:`labkit.train.TrainConfig`;
 - ``label(config)``: a run's name in the panel's plot and table;
@@ -36,6 +36,10 @@ Shared by every lab (:mod:`labkit.labs.setup`, re-exported here):
 
 A notebook imports its own module, e.g. ``from labkit.labs import lab3``; importing
 :mod:`labkit.labs` loads none of the lab modules.
+
+The notebooks students get, ``labs/<lab>.ipynb``, are made from the instructor sources with the
+solutions, ``labs/source/<lab>.ipynb``, by :mod:`labkit.labs.release`
+(``python -m labkit.labs.release``, nbgrader's ``generate_assignment``).
 """
 
 from labkit.labs.setup import LabSetup, lab_setup, results_dir, results_root

@@ -211,11 +211,32 @@ class Result:
     argmin: list[float] = field(default_factory=list)
 
 
-def run(values: Mapping[str, Any]) -> Result:
+#: Steps computed between two progress reports (and stop checks) of :func:`run`.
+CHUNK = 100
+
+
+def _joined(parts: Sequence[Any], deltas: Sequence[float]) -> Any:
+    """One :class:`labkit.graduated.Trajectory` from consecutive pieces (each piece starts
+    where the previous one ended)."""
+    import torch
+
+    from labkit.graduated import Trajectory
+
+    first, rest = parts[0], parts[1:]
+    return Trajectory(torch.cat([first.points, *(p.points[1:] for p in rest)]),
+                      torch.cat([first.values, *(p.values[1:] for p in rest)]),
+                      torch.cat([first.stages, *(p.stages[1:] for p in rest)]), tuple(deltas))
+
+
+def run(values: Mapping[str, Any], *, progress: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None) -> Result | None:
     """GD, noisy SGD and graduated optimization from ``x0`` with the panel's knobs.
 
     Each method gets ``steps`` iterations; graduated optimization shares them among its
-    M + 1 stages with deltas delta0, delta0/2, ..., delta0/2^(M-1), 0.
+    M + 1 stages with deltas delta0, delta0/2, ..., delta0/2^(M-1), 0. The paths are computed
+    :data:`CHUNK` steps at a time (the same numbers as in one go): ``progress(text)`` is told
+    how far they are, and ``should_stop()`` is polled in between; True ends the computation
+    and returns None.
 
     Raises:
         ValueError: invalid knobs (:func:`validate`'s messages).
@@ -231,17 +252,53 @@ def run(values: Mapping[str, Any]) -> Result:
     d = values["dim"]
     x0 = torch.tensor(parse_point(values["x0"], d), dtype=torch.float64)
     lr, steps = float(values["lr"]), values["steps"]
-    gd = G.gradient_descent(spec.f, x0, lr, steps)
-    sgd = G.sgd_noisy(spec.f, x0, lr, steps, float(values["sgd_noise"]),
-                      generator=torch.Generator().manual_seed(values["seed"]))
     deltas = G.default_deltas(float(values["delta0"]), values["stages"], 0.5, final_zero=True)
-    grad = G.graduated_optimization(
-        spec.f, x0, deltas, steps // len(deltas), lr, values["n_samples"], dist=values["dist"],
-        generator=torch.Generator().manual_seed(values["seed"]),
-    )
+    per_stage = steps // len(deltas)
+    total, done = 2 * steps + per_stage * len(deltas), 0
+
+    def chunks(name: str, n_steps: int, step: Callable[[Any, int], Any], x: Any) -> list | None:
+        nonlocal done
+        parts = []
+        left = n_steps
+        while True:
+            if should_stop is not None and should_stop():
+                return None
+            n = min(CHUNK, left)
+            parts.append(step(x, n))
+            x, left, done = parts[-1].points[-1], left - n, done + n
+            if progress is not None:
+                progress(f"computing the paths: {done}/{total} steps ({name})")
+            if left == 0:
+                return parts
+
+    gd = chunks("GD", steps, lambda x, n: G.gradient_descent(spec.f, x, lr, n), x0)
+    if gd is None:
+        return None
+    gen = torch.Generator().manual_seed(values["seed"])
+    noise = float(values["sgd_noise"])
+    sgd = chunks("noisy SGD", steps,
+                 lambda x, n: G.sgd_noisy(spec.f, x, lr, n, noise, generator=gen), x0)
+    if sgd is None:
+        return None
+    gen = torch.Generator().manual_seed(values["seed"])
+    stages, x = [], x0
+    for m, dl in enumerate(deltas):
+        def stage(x: Any, n: int, dl: float = dl, m: int = m) -> Any:
+            t = G.graduated_optimization(spec.f, x, [dl], n, lr, values["n_samples"],
+                                         dist=values["dist"], generator=gen)
+            t.stages[:] = m
+            return t
+
+        parts = chunks(f"graduated, stage {m + 1}/{len(deltas)}", per_stage, stage, x)
+        if parts is None:
+            return None
+        stages += parts
+        x = parts[-1].points[-1]
+    sgd_t = _joined(sgd, sgd[0].deltas)
     return Result(values["function"], d, x0.tolist(),
-                      {"gd": gd, "sgd": sgd, "graduated": grad}, sgd.deltas[0], tuple(deltas),
-                      [spec.argmin] * d)
+                  {"gd": _joined(gd, (0.0,)), "sgd": sgd_t,
+                   "graduated": _joined(stages, deltas)},
+                  sgd_t.deltas[0], tuple(deltas), [spec.argmin] * d)
 
 
 def reached(result: Result, tol: float = 0.5) -> dict[str, bool]:
@@ -327,10 +384,14 @@ def _task(values: dict[str, Any], panel: Any) -> Result:
     cache = panel.__dict__.setdefault("_lab2_cache", {})
     result = cache.get(key)
     if result is None:
-        panel.set_status("computing the trajectories...")
-        result = run(values)
+        panel.set_status("computing the paths...")
+        result = run(values, progress=panel.set_status, should_stop=lambda: panel.stop_requested)
+        if result is None:
+            panel.set_status("stopped: press Run to compute the paths")
+            return None
         cache.clear()
         cache[key] = result
+    panel.set_status("drawing f and f̂_δ...")
     panel.show(_figure(values, result))
     hits = reached(result)
     panel.set_status(
@@ -345,8 +406,10 @@ def _task(values: dict[str, Any], panel: Any) -> Result:
 def panel(profile: str | None = None) -> lk_widgets.ControlPanel:
     """Lab 2's panel: f and f_hat_delta, and the three methods' paths on f.
 
-    Moving the δ slider redraws at once; changing the function or the dimension resets the
-    start, the learning rate and the SGD noise to that function's defaults.
+    Moving the δ slider redraws at once (after the running computation, if any); changing
+    the function or the dimension resets the start, the learning rate and the SGD noise to that
+    function's defaults; after a run, changing the profile runs again once all of its defaults
+    are set. The status line tells how far the paths are, and Stop ends their computation.
     """
     panel = lk_widgets.ControlPanel(
         "Lab 2: seeing smoothing (Sato & Iiduka (2024) Fig. 3, Sato & Iiduka (2023))",
@@ -355,6 +418,7 @@ def panel(profile: str | None = None) -> lk_widgets.ControlPanel:
         validate=validate,
         defaults=defaults,
         profile=profile,
+        rerun_on_profile=True,
     )
     c = panel.controls
 
@@ -365,8 +429,8 @@ def panel(profile: str | None = None) -> lk_widgets.ControlPanel:
         c["sgd_noise"].value = spec.sgd_noise
 
     def on_delta(_: Any) -> None:
-        if panel.last_result is not None and not panel.running:
-            panel.press_run()
+        if panel.last_result is not None:
+            panel.request_run()
 
     c["function"].observe(on_function, names="value")
     c["dim"].observe(on_function, names="value")

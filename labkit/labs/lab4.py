@@ -9,7 +9,9 @@ Book: chapters 6 (smoothing) and 8 (smoothing degree and generalization).
 Lab 4 trains the sweep of lab 3 (SGD, SHB and NSHB over a grid of batch sizes): its grid, run
 names, selectors and C^2 measurement come from :mod:`labkit.labs.lab3`; what is lab 4's own is
 here. Lab 4's runs are plain training (``precision="auto"``: bf16 autocast on CUDA); only lab
-3's runs are measurements in fp32.
+3's runs are measurements in fp32. Without CUDA "auto" trains in fp32 anyway, so there lab 4
+asks for exactly lab 3's runs and copies those lab 3 has finished instead of training them
+again (:func:`reuse`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "label",
     "on_result",
     "paper_delta_table",
+    "reuse",
     "run_table",
     "validate",
 ]
@@ -61,6 +64,10 @@ _C2_SOURCES = {"measured": "measured at your runs' final weights",
 _DEFAULTS = {
     # CPU, generated 10-class data, tiny CNN: 12 runs of 3 epochs.
     "smoke": {"batch_sizes": (16, 32, 64, 128), "epochs": 3, "seeds": 1, "c2_images": 128},
+    # CPU: the handwritten digits and the tiny CNN, b = 2^4 ... 2^10, 40 epochs. Measured:
+    # 133 s of CPU time for the 21 runs (one core; 22 min wall on a shared 2-core machine).
+    "cpu": {"batch_sizes": tuple(2**k for k in range(4, 11)), "epochs": 40, "seeds": 1,
+            "c2_images": 1024},
     # One GPU: ResNet-18 on CIFAR-100, 5 batch sizes, 15 epochs.
     "short": {"batch_sizes": (128, 256, 512, 1024, 2048), "epochs": 15, "seeds": 1,
               "c2_images": 1024},
@@ -103,8 +110,23 @@ def validate(values: Mapping[str, Any]) -> list[str]:
 def grid(values: Mapping[str, Any]) -> list[TrainConfig]:
     """The runs lab 4's knobs ask for: optimizer x batch size x seed (as
     :func:`labkit.labs.lab3.grid`), trained with ``precision="auto"`` (plain training: bf16
-    autocast on CUDA)."""
-    return lab3.grid({**values, "precision": "auto"})
+    autocast on CUDA). Without CUDA that is fp32, so the runs are named as lab 3's fp32
+    runs there (the same config, the same numbers), and :func:`reuse` finds them."""
+    import torch
+
+    from labkit.precision import MEASUREMENT_PRECISION
+
+    precision = "auto" if torch.cuda.is_available() else MEASUREMENT_PRECISION
+    return lab3.grid({**values, "precision": precision})
+
+
+def reuse(profile: str) -> list[str]:
+    """The sweep folders whose finished runs lab 4's panel copies instead of training them
+    again (its ``reuse``): lab 3's results of ``profile``. Only a run with the very same
+    config is copied; lab 3's defaults ask for the same runs as lab 4's."""
+    from labkit.labs.setup import results_dir
+
+    return [str(results_dir(lab3.LAB_ID, check_profile(profile)))]
 
 
 def label(config: TrainConfig) -> str:
@@ -236,7 +258,7 @@ def figure(results: Any, values: Mapping[str, Any], constants: Mapping[str, Any]
     k2 = constants.get("k2")
     if "shb" in c2 and k2 is None:
         c2.pop("shb")
-    paper_scale = values["profile"] != "smoke"
+    paper_scale = values["profile"] in ("short", "paper")  # CIFAR-100 numbers
     fig = sized_figure(fig, (15.0, 4.4))
     ax_d, ax_b, ax_a = fig.subplots(1, 3)
     sizes = sorted(set(int(b) for b in done["batch_size"]) | set(BATCH_SIZES))

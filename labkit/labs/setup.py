@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labkit.train import PROFILES
+from labkit.train import CPU_DATASET, PROFILES
 
 __all__ = [
     "LabSetup",
     "check_profile",
+    "dataset_of",
     "is_finite",
     "is_int_at_least",
     "is_positive",
@@ -39,7 +40,7 @@ _LAB_ID = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 def check_profile(profile: Any) -> str:
-    """``profile`` itself when it is one of smoke, short, paper.
+    """``profile`` itself when it is one of smoke, cpu, short, paper.
 
     Raises:
         ValueError: any other value.
@@ -47,6 +48,13 @@ def check_profile(profile: Any) -> str:
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}")
     return profile
+
+
+def dataset_of(profile: str, paper_dataset: str) -> str:
+    """The data set a lab trains on in ``profile``: the handwritten digits in the cpu profile
+    (:mod:`labkit.digits`), the paper's ``paper_dataset`` (its generated stand-in in smoke)
+    otherwise."""
+    return CPU_DATASET if check_profile(profile) == "cpu" else paper_dataset
 
 
 def is_positive(value: Any) -> bool:
@@ -87,17 +95,27 @@ def selection_messages(chosen: Any, what: str, valid: Sequence[Any] | None = Non
 def results_root() -> Path:
     """Where the labs keep their sweep folders.
 
-    ``$LABKIT_RESULTS`` when set; else ``results/`` beside the notebook when the working
-    directory is ``labs/`` (how Jupyter starts a lab's kernel), ``labs/results/`` when it is the
-    repository root, and ``results/`` in the working directory otherwise. ``labs/results/`` is
-    ignored by git.
+    ``$LABKIT_RESULTS`` when set. Else, while nbgrader autogrades the notebook
+    (``NBGRADER_EXECUTION=autograde``), the grader's own folder
+    (:func:`labkit.grading.grader_results_root`, ``~/.cache/labkit/grading-results``): the
+    working directory is then the student's submission, and runs found there would be reloaded
+    instead of trained. Otherwise ``results/`` beside the notebook when the working directory is
+    ``labs/`` (how Jupyter starts a lab's kernel), ``labs/results/`` when it is the instructor
+    sources' ``labs/source/`` or the repository root, and ``results/`` in the working directory
+    otherwise. ``labs/results/`` is ignored by git.
     """
     env = os.environ.get("LABKIT_RESULTS", "").strip()
     if env:
         return Path(env).expanduser()
+    if os.environ.get("NBGRADER_EXECUTION") == "autograde":
+        from labkit.grading import grader_results_root
+
+        return grader_results_root()
     cwd = Path.cwd()
     if cwd.name == "labs":
         return cwd / "results"
+    if cwd.name == "source" and cwd.parent.name == "labs":
+        return cwd.parent / "results"
     if (cwd / "labs").is_dir():
         return cwd / "labs" / "results"
     return cwd / "results"
@@ -186,7 +204,9 @@ def lab_setup(lab_id: str, profile: str | None = None, *, seed: int = 0,
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if profile == "smoke" and device == "cpu":
+    if profile in ("smoke", "cpu") and device == "cpu":
+        # Tiny models: a second intra-op thread only adds contention (on a busy 2-core
+        # machine a step of the cpu profile's CNN took 20 to 50 times longer with 2 threads).
         torch.set_num_threads(1)
     setup = LabSetup(lab_id, profile, folder, default_data_root(), device, seed, tuple(notes))
     if show:

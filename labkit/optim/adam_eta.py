@@ -144,7 +144,7 @@ class AdamEta(ValidatedOptimizer):
     x_{n+1} = x_n - alpha m_hat_n / h_n with the same m_hat_n = m_n / (1 - beta1^{n+1})
     (n counts from 0), and a diagonal preconditioner H_n = diag(h_n) that must be monotone,
     h_{n+1,i} >= h_{n,i} (assumption (A3)). Writing vbar_n = v_n / (1 - beta2^{n+1}), the
-    seed's two choices are (as we read them; the max keeps H monotone)::
+    thesis's two choices are (as we read them; the max keeps H monotone)::
 
         (2) Adam type:     h_n = (max_{k <= n} vbar_k)^(1/eta)
         (3) AMSGrad type:  h_n = (max_{k <= n} v_k)^(1/eta)        (no bias correction)
