@@ -19,7 +19,15 @@ checkpointed, so invoking the script again with the same ``--workdir`` resumes i
 
 ``--plan`` trains nothing: for each lab it lists the runs, epochs and optimizer steps that its
 default knobs in the profile ask for, with the epochs per batch size (the GPU time of a ResNet
-epoch depends mostly on the batch size).
+epoch depends mostly on the batch size). With ``--step-times FILE`` (what
+``bench_pack.py --gpu --json FILE`` measured: seconds per run-epoch of ResNet-18 packs of
+K = 1, 3, 9 at several batch sizes) it also predicts each lab's GPU time with packing, the runs
+grouped into packs as ``run_sweep`` groups them, and the time of the critical-batch figure of
+Sato & Iiduka (2024) at paper scale (SGD, SHB and NSHB at b = 2^3 ... 2^13, 200 epochs, one
+seed: one pack of three per batch size).
+
+    python benchmarks/bench_pack.py --gpu --json pack.json
+    python benchmarks/bench_labs.py --plan --profile short --step-times pack.json
 """
 
 from __future__ import annotations
@@ -106,6 +114,67 @@ def lab_plan(lab: str, profile: str) -> dict[str, Any]:
         plan["models"] = sorted({*plan["models"], cfg.model})
     plan["epochs_by_batch"] = dict(sorted(by_batch.items()))
     return plan
+
+
+def _pack_sizes(times: dict[str, Any]) -> list[int]:
+    """The pack sizes K of a bench_pack.py --gpu table (its ``pack<K>_s_per_run`` columns)."""
+    return sorted({int(key[len("pack"):-len("_s_per_run")]) for r in times["rows"] for key in r
+                   if key.startswith("pack") and key.endswith("_s_per_run")})
+
+
+def run_epoch_seconds(times: dict[str, Any], b: int, k: int) -> float:
+    """Seconds per run-epoch of a pack of ``k`` runs at batch size ``b`` from the measured table
+    (``bench_pack.py --gpu`` rows): the largest measured pack size <= k, log-log interpolation
+    (or extrapolation from the two nearest) in the batch size."""
+    rows = sorted(times["rows"], key=lambda r: r["batch_size"])
+    sizes = _pack_sizes(times)
+    kk = max([s for s in sizes if s <= k] or [sizes[0]])
+    pts = [(r["batch_size"], r[f"pack{kk}_s_per_run"]) for r in rows
+           if r.get(f"pack{kk}_s_per_run")]
+    for bb, t in pts:
+        if bb == b:
+            return t
+    lo = max([p for p in pts if p[0] < b], default=None, key=lambda p: p[0])
+    hi = min([p for p in pts if p[0] > b], default=None, key=lambda p: p[0])
+    if lo is None or hi is None:  # outside the table: the two nearest points
+        near = sorted(pts, key=lambda p: abs(math.log(p[0] / b)))[:2]
+        lo, hi = sorted(near)
+    slope = math.log(hi[1] / lo[1]) / math.log(hi[0] / lo[0])
+    return lo[1] * (b / lo[0]) ** slope
+
+
+def predict_lab(lab: str, profile: str, times: dict[str, Any]) -> float | None:
+    """Predicted GPU seconds of ``lab``'s default grid, packed as ``run_sweep`` packs it (at
+    most the largest measured K per pack); None when the lab trains another model than the
+    measured one (ResNet-18) or trains nothing."""
+    from labkit import schedules
+    from labkit.train_pack import pack_key
+
+    mod = lab_module(lab)
+    if not hasattr(mod, "grid"):
+        return None
+    values = {**mod.defaults(profile), "profile": profile}
+    configs = [c.resolved() for c in mod.grid(values)]
+    if not configs or any(c.model != times.get("model", "resnet18") for c in configs):
+        return None
+    k_max = max(_pack_sizes(times))
+    groups: dict[Any, list] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(pack_key(c) or ("alone", i), []).append(c)
+    seconds = 0.0
+    for members in groups.values():
+        c = members[0]
+        for start in range(0, len(members), k_max):
+            k = len(members[start:start + k_max])
+            for b in schedules.batch_sizes(c.batch_schedule, c.batch_size, c.epochs):
+                seconds += k * run_epoch_seconds(times, b, k)
+    return seconds
+
+
+def predict_critical_figure(times: dict[str, Any], epochs: int = 200) -> float:
+    """GPU seconds of the critical-batch figure at paper scale, one seed: SGD, SHB and NSHB
+    at b = 2^3 ... 2^13 for ``epochs`` epochs, one pack of three per batch size."""
+    return sum(epochs * 3 * run_epoch_seconds(times, 2 ** e, 3) for e in range(3, 14))
 
 
 def ensure_data(root: Path, profile: str, datasets: list[str]) -> str:
@@ -243,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="seconds one cell may run before the lab counts as timed out")
     p.add_argument("--plan", action="store_true", help="only list what each lab would train")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
+    p.add_argument("--step-times", type=Path, default=None, metavar="FILE",
+                   help="bench_pack.py --gpu --json output: predict GPU times from it")
     args = p.parse_args(argv)
     try:
         labs = select_labs(args.labs)
@@ -257,6 +328,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"profile": args.profile, "plan": plans}
     print(f"profile {args.profile}; labs: {', '.join(labs)}")
     print_plan(plans)
+    if args.step_times is not None:
+        import json
+
+        times = json.loads(args.step_times.read_text())
+        if not times.get("rows"):
+            p.error(f"{args.step_times} holds no rows of bench_pack.py --gpu")
+        out["predicted_s"] = {lab: predict_lab(lab, args.profile, times) for lab in labs}
+        out["critical_figure_s"] = predict_critical_figure(times)
+        for lab, sec in out["predicted_s"].items():
+            print(f"predicted GPU time of {lab} (packed, from {args.step_times}): "
+                  + ("-" if sec is None else f"{sec / 60:.1f} min"))
+        known = [v for v in out["predicted_s"].values() if v is not None]
+        print(f"total of the labs predicted: {sum(known) / 60:.1f} min; the critical-batch "
+              f"figure at paper scale (1 seed): {out['critical_figure_s'] / 3600:.2f} h")
     if not args.plan:
         args.workdir.mkdir(parents=True, exist_ok=True)
         out["device"] = _device()

@@ -256,6 +256,10 @@ def _add_science_parsers(sub: Any, profiles: Sequence[str]) -> None:
                    help=f"refuse a grid of more than N points (default {MAX_POINTS:,}), "
                    "counted before it is expanded")
     s.add_argument("--quiet", action="store_true", help="no per-point lines")
+    s.add_argument("--no-pack", action="store_true",
+                   help="train one point at a time (by default points that share model, data "
+                   "set, batch sizes and epochs and use sgd/shb/nshb train as packs, each run "
+                   "exactly as alone)")
     s.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run the points as tasks on a Ray cluster: auto (one started here with "
                    "ray start), ray://HOST:PORT, HOST:PORT or local (start one for this sweep); "
@@ -789,7 +793,7 @@ def _cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     try:
         result = run_sweep(configs, args.out, progress=sys.stderr.isatty() and not args.quiet,
                            on_run_end=report, executor=executor,
-                           max_points=None)
+                           max_points=None, pack=not args.no_pack)
     except KeyboardInterrupt:
         print(f"labkit sweep: interrupted; run the same command again to resume ({args.out})",
               file=sys.stderr)

@@ -55,6 +55,7 @@ __all__ = [
     "MODEL_NAMES",
     "CifarResNet",
     "ResNet18",
+    "ShortcutA",
     "TinyCNN",
     "build_model",
     "num_parameters",
@@ -130,7 +131,7 @@ class ResNet18(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-class _ShortcutA(nn.Module):
+class ShortcutA(nn.Module):
     """Option A shortcut of He et al. (2016): subsample by taking every second pixel and
     pad the new channels with zeros. No parameters."""
 
@@ -157,7 +158,7 @@ class _OptionABlock(nn.Module):
         if stride != 1 or in_channels != out_channels:
             if stride != 2:
                 raise ValueError(f"option A shortcut needs stride 2, got stride={stride}")
-            self.shortcut = _ShortcutA(in_channels, out_channels)
+            self.shortcut = ShortcutA(in_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -32,8 +32,8 @@ MEASUREMENT_PRECISION = "fp32"
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a run: bf16 for ``"bf16"`` and for ``"auto"`` on CUDA, None (no
-    autocast: fp32) for ``"fp32"`` and for ``"auto"`` elsewhere."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    autocast) for ``"fp32"``, ``"fp64"`` and for ``"auto"`` elsewhere."""
+    if precision in ("fp32", "fp64") or (precision == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
 

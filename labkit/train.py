@@ -27,6 +27,7 @@ exists, returns the stored result without training.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -55,7 +56,7 @@ from labkit.precision import autocast_dtype, strict_fp32
 from labkit.store import RUN_FILES, atomic_write_json  # noqa: F401  (part of this module's API)
 
 PROFILES = ("smoke", "cpu", "short", "paper")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp64")
 DATASETS = ("cifar10", "cifar100", "digits")
 
 #: Defaults a profile fills in for the fields left as ``None`` in a :class:`TrainConfig`.
@@ -128,7 +129,8 @@ class TrainConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         precision: ``"auto"`` (bf16 autocast on CUDA with fp32 weights, fp32 on the CPU),
             ``"fp32"`` (IEEE fp32 everywhere, TF32 off: :mod:`labkit.precision`; the
-            measurement runs of chapter 8 use it) or ``"bf16"``.
+            measurement runs of chapter 8 use it), ``"bf16"`` or ``"fp64"`` (weights, inputs
+            and loss in float64, no autocast: what the exactness tests of packed runs use).
         channels_last: use the channels-last memory format; ``None`` means on CUDA only.
         compile: wrap the model in ``torch.compile``.
         augment: random crop (4-pixel padding) and horizontal flip of training images
@@ -170,8 +172,12 @@ class TrainConfig:
     out: str | None = None
     profile: str = "short"
 
-    def resolved(self) -> TrainConfig:
+    def resolved(self) -> ResolvedConfig:
         """A copy with the profile's defaults filled in and every field checked.
+
+        The copy is a :class:`ResolvedConfig`: :func:`config_hash`, the sweep index,
+        ``plan_sweep``, ``run_sweep`` and :func:`train` take it without checking it again (its
+        ``resolved()`` is itself).
 
         Raises:
             ValueError: a field has a value outside its valid range (the message names the
@@ -188,7 +194,7 @@ class TrainConfig:
                 "profile"
             )
         defaults = PROFILE_DEFAULTS[self.profile]
-        cfg = dataclasses.replace(self, hparams=dict(self.hparams))
+        cfg = TrainConfig(**{**_field_values(self), "hparams": dict(self.hparams)})
         if cfg.model is None:
             cfg.model = defaults["model"] or DEFAULT_MODEL[cfg.dataset]
         if cfg.epochs is None:
@@ -224,7 +230,7 @@ class TrainConfig:
         # Build the optimizer on a dummy parameter so that bad hyperparameters fail here,
         # before any data is loaded.
         make_optimizer(cfg, [nn.Parameter(torch.zeros(1))])
-        return cfg
+        return ResolvedConfig.from_checked(cfg)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,6 +261,64 @@ class TrainConfig:
             if d[k] == before:
                 d.pop(k)
         return d
+
+
+def _field_values(cfg: TrainConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclass
+class ResolvedConfig(TrainConfig):
+    """A :class:`TrainConfig` whose defaults are filled in and whose fields are checked.
+
+    Made by :meth:`TrainConfig.resolved` (or by constructing it: the check runs in
+    ``__post_init__``, so ``dataclasses.replace`` of a resolved config checks the new values).
+    The fields that decide the numbers are read-only; ``out``, ``data_root`` and ``download``
+    (where things are) may be set, or changed in a copy with :meth:`relocated`, unchecked.
+    """
+
+    def __post_init__(self) -> None:
+        # Built directly or by dataclasses.replace: check (from_checked skips this).
+        checked = TrainConfig.resolved(self)
+        for name, value in _field_values(checked).items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_sealed", True)
+
+    @classmethod
+    def from_checked(cls, cfg: TrainConfig) -> ResolvedConfig:
+        """``cfg``'s values as a ResolvedConfig, trusted: only :meth:`TrainConfig.resolved`,
+        which has just checked them, should call this."""
+        new = object.__new__(cls)
+        for name, value in _field_values(cfg).items():
+            object.__setattr__(new, name, value)
+        object.__setattr__(new, "_sealed", True)
+        return new
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_sealed", False) and name not in _NON_IDENTITY_FIELDS:
+            raise AttributeError(
+                f"a resolved TrainConfig is read-only (field {name!r}); use "
+                f"dataclasses.replace(config, {name}=...), which checks the new value"
+            )
+        object.__setattr__(self, name, value)
+
+    def resolved(self) -> ResolvedConfig:
+        """Itself: it is already checked."""
+        return self
+
+    def relocated(self, **where: Any) -> ResolvedConfig:
+        """A copy with ``out``, ``data_root`` or ``download`` changed (nothing re-checked)."""
+        bad = sorted(set(where) - set(_NON_IDENTITY_FIELDS))
+        if bad:
+            raise ValueError(
+                f"relocated() changes only {', '.join(_NON_IDENTITY_FIELDS)}; got "
+                f"{', '.join(bad)} (use dataclasses.replace for the others)"
+            )
+        new = copy.copy(self)
+        object.__setattr__(new, "hparams", dict(self.hparams))
+        for k, v in where.items():
+            object.__setattr__(new, k, v)
+        return new
 
 
 def config_hash(config: TrainConfig, length: int = 12) -> str:
@@ -439,7 +503,8 @@ def prepare_data(config: TrainConfig, device: torch.device) -> lk_data.CifarData
     return lk_data.load_cifar(config.dataset, root=root, device=device, download=config.download)
 
 
-def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, Any]:
+def rng_state(gen: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every RNG state a checkpoint keeps: the run's data generator and the global ones."""
     state: dict[str, Any] = {
         "data_generator": gen.get_state(),
         "torch": torch.get_rng_state(),
@@ -454,7 +519,8 @@ def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator, device: torch.device) -> None:
+def set_rng_state(state: dict[str, Any], gen: torch.Generator, device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved."""
     gen.set_state(state["data_generator"])
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
@@ -463,6 +529,26 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator, device: torch.de
     )
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def epoch_images(cfg: TrainConfig, train_x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One epoch's augmented training images (uint8, like ``train_x``), drawn from ``gen``
+    (the data set's augmentation, :data:`AUGMENTATION`)."""
+    pad, flip = AUGMENTATION[cfg.dataset]
+    x = lk_data.augment(train_x, gen, pad, flip) if cfg.augment else train_x
+    if cfg.rotate:  # no random draws at 0: runs without rotation are what they were
+        x = lk_data.random_rotate(x, gen, cfg.rotate)
+    return x
+
+
+def run_dtypes(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(weight dtype, input dtype) of a run: float64 for ``precision="fp64"``; else fp32
+    weights and fp32 inputs, bf16 inputs under bf16 autocast on CUDA."""
+    if cfg.precision == "fp64":
+        return torch.float64, torch.float64
+    amp = autocast_dtype(cfg.precision, device)
+    return torch.float32, (torch.bfloat16 if amp is torch.bfloat16 and device.type == "cuda"
+                           else torch.float32)
 
 
 def _evaluate(
@@ -478,7 +564,8 @@ def _evaluate(
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     with torch.no_grad(), torch.autocast(**autocast):
         for i in range(0, x.shape[0], batch_size):
-            out = model(x[i : i + batch_size]).float()
+            out = model(x[i : i + batch_size])
+            out = out.double() if out.dtype == torch.float64 else out.float()
             yb = y[i : i + batch_size]
             loss_sum += F.cross_entropy(out, yb, reduction="sum").double()
             correct += (out.argmax(1) == yb).sum()
@@ -558,10 +645,11 @@ def _train(
         "dtype": amp_dtype or torch.bfloat16,  # ignored when disabled
         "enabled": amp_dtype is not None,
     }
+    param_dtype, in_dtype = run_dtypes(cfg, device)
 
     torch.manual_seed(cfg.seed)
     model = lk_models.build_model(cfg.model, data.num_classes,
-                                  in_channels=int(data.train_x.shape[1])).to(device)
+                                  in_channels=int(data.train_x.shape[1])).to(device, param_dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model.parameters())
@@ -574,18 +662,13 @@ def _train(
     # cropped and flipped (independently per image; black padding), rotated when cfg.rotate > 0
     # (Sato & Iiduka's CIFAR-100 recipe) and normalized in a handful of kernels, airbench-style,
     # so a step only gathers its batch.
-    in_dtype = torch.bfloat16 if amp_dtype is torch.bfloat16 and use_cuda else torch.float32
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     train_y, test_y = data.train_y, data.test_y
     test_x = lk_data.normalize(data.test_x, data.mean, data.std, dtype=in_dtype)
     test_x = test_x.contiguous(memory_format=memory_format)
 
-    pad, flip = AUGMENTATION[cfg.dataset]
-
     def epoch_inputs() -> torch.Tensor:
-        x = lk_data.augment(data.train_x, gen, pad, flip) if cfg.augment else data.train_x
-        if cfg.rotate:  # no random draws at 0: runs without rotation are what they were
-            x = lk_data.random_rotate(x, gen, cfg.rotate)
+        x = epoch_images(cfg, data.train_x, gen)
         x = lk_data.normalize(x, data.mean, data.std, dtype=in_dtype)
         return x.contiguous(memory_format=memory_format)
 
@@ -593,20 +676,8 @@ def _train(
     metrics: list[dict[str, Any]] = []
     resumed_from = 0
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt_path = out / "checkpoint.pt"
-        if ckpt_path.exists():
-            ckpt = load_checkpoint(ckpt_path)
-            _check_precision(out, ckpt, amp_dtype, device)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            _set_rng_state(ckpt["rng"], gen, device)
-            metrics = list(ckpt["metrics"])
-            state.step = int(ckpt["total_steps"])
-            resumed_from = len(metrics)
-        else:
-            atomic_write_json(out / "config.json", cfg.to_dict())
-        store.write_jsonl(out / store.METRICS_FILE, metrics)
+        metrics, state.step = open_run_folder(out, cfg, model, optimizer, gen, device, amp_dtype)
+        resumed_from = len(metrics)
     state.metrics = metrics
     # The per-step gradient-norm log covers exactly the checkpoint's steps; none is kept for a
     # run resumed from a checkpoint trained without it (an incomplete log would mislead).
@@ -660,7 +731,8 @@ def _train(
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(**autocast):
                     out_b = forward(xb)
-                    loss = F.cross_entropy(out_b.float(), yb)
+                    logits = out_b.double() if out_b.dtype == torch.float64 else out_b.float()
+                    loss = F.cross_entropy(logits, yb)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.track_grad_norm:
@@ -688,45 +760,17 @@ def _train(
 
             test_loss, test_correct = _evaluate(model, test_x, test_y, autocast)
             # The one host sync of the epoch.
-            tl, tc, vl, vc, gn = torch.stack(
+            sums = torch.stack(
                 [loss_sum, correct.double(), test_loss, test_correct.double(), gnorm_sum]
             ).tolist()
-            n_test = int(test_y.shape[0])
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": tl / n_train,
-                "train_acc": tc / n_train,
-                "test_loss": vl / n_test,
-                "test_acc": vc / n_test,
-                "lr": state.lr,
-                "batch_size": b,
-                "steps": steps,
-                "total_steps": state.step,
-                "grad_norm": gn / steps if cfg.track_grad_norm else None,
-                "time": time.perf_counter() - t0,
-            }
-            diverged = _nonfinite_to_none(row)
+            row = epoch_row(cfg, epoch, sums, n_train, int(test_y.shape[0]), state.lr, b, steps,
+                            state.step, time.perf_counter() - t0)
+            diverged = bool(row.get("diverged"))
             metrics.append(row)
             if out is not None:
-                if log_norms:  # before the checkpoint, so the log never falls behind it
-                    store.append_grad_norms(out, step_norms.cpu().numpy())
-                _atomic_torch_save(
-                    out / "checkpoint.pt",
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "rng": _rng_state(gen, device),
-                        "metrics": metrics,
-                        "total_steps": state.step,
-                        "lr_schedule": cfg.lr_schedule,
-                        "batch_schedule": cfg.batch_schedule,
-                        "next_epoch": epoch + 1,
-                        "lr": state.lr,
-                        "batch_size": b,
-                        "autocast": _dtype_name(amp_dtype),
-                    },
-                )
-                store.append_jsonl(out / store.METRICS_FILE, row)
+                save_epoch(out, cfg, row, metrics, model.state_dict(), optimizer.state_dict(),
+                           rng_state(gen, device), step_norms.cpu().numpy() if log_norms else None,
+                           amp_dtype)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['train_loss']:.3g}" if not diverged else "nan",
@@ -745,6 +789,122 @@ def _train(
         if bar is not None:
             bar.close()
 
+    result = finish_run(cfg, status, metrics, out, resumed_from)
+    for cb in callbacks:
+        cb.on_run_end(state, result)
+    return result
+
+
+def open_run_folder(
+    out: Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    gen: torch.Generator,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """Start a run folder, or load its checkpoint into ``model``, ``optimizer`` and ``gen``.
+
+    ``amp_dtype`` is the run's autocast dtype (None: none); a checkpoint written under another
+    one gives a warning (:func:`_check_precision`).
+
+    Returns the finished epochs' metrics and the optimizer steps taken so far;
+    ``metrics.jsonl`` is rewritten to hold exactly the checkpoint's rows.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: list[dict[str, Any]] = []
+    step = 0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_precision(out, ckpt, amp_dtype, device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], gen, device)
+        metrics = list(ckpt["metrics"])
+        step = int(ckpt["total_steps"])
+    else:
+        atomic_write_json(out / "config.json", cfg.to_dict())
+    store.write_jsonl(out / store.METRICS_FILE, metrics)
+    return metrics, step
+
+
+def epoch_row(
+    cfg: TrainConfig,
+    epoch: int,
+    sums: Sequence[float],
+    n_train: int,
+    n_test: int,
+    lr: float,
+    batch_size: int,
+    steps: int,
+    total_steps: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """One ``metrics.jsonl`` row from an epoch's sums (train loss, train correct, test loss,
+    test correct, gradient norms); any non-finite value is written as None and makes it a
+    ``diverged`` row."""
+    tl, tc, vl, vc, gn = sums
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": tl / n_train,
+        "train_acc": tc / n_train,
+        "test_loss": vl / n_test,
+        "test_acc": vc / n_test,
+        "lr": lr,
+        "batch_size": batch_size,
+        "steps": steps,
+        "total_steps": total_steps,
+        "grad_norm": gn / steps if cfg.track_grad_norm else None,
+        "time": seconds,
+    }
+    _nonfinite_to_none(row)
+    return row
+
+
+def save_epoch(
+    out: Path,
+    cfg: TrainConfig,
+    row: dict[str, Any],
+    metrics: list[dict[str, Any]],
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any],
+    rng: dict[str, Any],
+    step_norms: np.ndarray | None,
+    amp_dtype: torch.dtype | None = None,
+) -> None:
+    """Write a finished epoch: the step norms, then the checkpoint, then the metrics row
+    (``metrics`` already ends with ``row``)."""
+    if step_norms is not None:  # before the checkpoint, so the log never falls behind it
+        store.append_grad_norms(out, step_norms)
+    _atomic_torch_save(
+        out / "checkpoint.pt",
+        {
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "rng": rng,
+            "metrics": metrics,
+            "total_steps": row["total_steps"],
+            "lr_schedule": cfg.lr_schedule,
+            "batch_schedule": cfg.batch_schedule,
+            "next_epoch": row["epoch"],
+            "lr": row["lr"],
+            "batch_size": row["batch_size"],
+            "autocast": _dtype_name(amp_dtype),
+        },
+    )
+    store.append_jsonl(out / store.METRICS_FILE, row)
+
+
+def finish_run(
+    cfg: TrainConfig,
+    status: str,
+    metrics: list[dict[str, Any]],
+    out: Path | None,
+    resumed_from: int,
+) -> RunResult:
+    """The run's :class:`RunResult`; ``result.json`` is written when it finished or diverged."""
     result = RunResult(
         status=status,
         config=cfg.to_dict(),
@@ -754,8 +914,6 @@ def _train(
     )
     if out is not None and status in ("finished", "diverged"):
         atomic_write_json(out / "result.json", result.to_dict())
-    for cb in callbacks:
-        cb.on_run_end(state, result)
     return result
 
 
@@ -812,6 +970,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"cannot read the checkpoint {path} ({type(e).__name__}: {why}); "
             "delete it to restart the run from scratch"
         ) from e
+
+
+def check_run_folder(out: Path, cfg: TrainConfig) -> RunResult | None:
+    """The stored result of a finished run in ``out``, None when there is none yet; a folder
+    of a different run is a ``ValueError``."""
+    return _check_folder(out, cfg)
 
 
 def _check_folder(out: Path, cfg: TrainConfig) -> RunResult | None:

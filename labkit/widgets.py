@@ -896,11 +896,15 @@ class LivePlot(Callback):
             self.draw(force=False)
 
     def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
-        if self._current is None:
+        from labkit.train import config_hash
+
+        # The run's own curve: the runs of a pack (labkit.train_pack) end epochs in turn.
+        key = config_hash(state.config)
+        if key not in self.series:
             return
         value = metrics.get(self.metric)
         if value is not None:
-            self.series[self._current][1].append((int(metrics["epoch"]), value))
+            self.series[key][1].append((int(metrics["epoch"]), value))
         self.draw(force=False)
 
     def draw(self, force: bool = True) -> None:

@@ -127,3 +127,44 @@ def test_bench_labs_runs_lab2_in_the_gpu_profiles(tmp_path, profile):
     (row,) = out["rows"]
     assert (row["status"], row["rerun_status"]) == ("ok", "ok"), row["detail"]
     assert out["data"] == "none needed" and not (tmp_path / "data").exists()
+
+
+def test_bench_pack_quick(capsys):
+    out = load("bench_pack").main(["--quick"])
+    (row,) = out["rows"]
+    assert row["batch_size"] == 8 and row["k"] == 3
+    assert row["sequential_s"] > 0 and row["packed_s"] > 0 and row["ratio"] > 0
+    assert "ratio packed/sequential speed" in capsys.readouterr().out
+
+
+def test_bench_pack_gpu_mode_says_when_there_is_no_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the --gpu mode would run the real benchmark")
+    assert load("bench_pack").main(["--gpu"]) == {}
+    assert "no CUDA device here" in capsys.readouterr().out
+
+
+def test_bench_labs_predicts_packed_gpu_time_from_a_measured_table(tmp_path, capsys):
+    import json
+    import math
+
+    bench = load("bench_labs")
+    # s per run-epoch halves when b doubles (slope -1 in log-log), and a pack of 3 halves it.
+    times = {"model": "resnet18", "rows": [
+        {"batch_size": 8, "single_eager_s": 9.0, "pack1_s_per_run": 8.0, "pack3_s_per_run": 4.0},
+        {"batch_size": 32, "single_eager_s": 3.0, "pack1_s_per_run": 2.0, "pack3_s_per_run": 1.0},
+    ]}
+    assert bench.run_epoch_seconds(times, 16, 3) == pytest.approx(2.0)
+    assert bench.run_epoch_seconds(times, 128, 3) == pytest.approx(0.25)  # extrapolated
+    assert bench.run_epoch_seconds(times, 8, 2) == 8.0  # the largest measured K <= 2
+    want = 200 * 3 * sum(32 / 2 ** e for e in range(3, 14))
+    assert math.isclose(bench.predict_critical_figure(times), want, rel_tol=1e-12)
+    path = tmp_path / "pack.json"
+    path.write_text(json.dumps(times))
+    out = bench.main(["--plan", "--profile", "short", "--labs", "lab1", "lab3",
+                      "--step-times", str(path)])
+    assert out["predicted_s"]["lab1_optimizer_zoo"] is None  # ResNet-44: not measured
+    assert out["predicted_s"][next(k for k in out["predicted_s"] if k.startswith("lab3"))] > 0
+    assert "critical-batch figure at paper scale" in capsys.readouterr().out

@@ -304,6 +304,23 @@ def test_sweep_exit_codes(tmp_path, capsys, monkeypatch):
     assert last_json(text)["counts"] == {"failed": 1} and "1 point(s) failed" in err
 
 
+def test_sweep_no_pack_gives_the_same_runs(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    # b = 16: small enough that the CPU packs (labkit.train_pack.CPU_PACK_MAX_BATCH).
+    grid.write_text(GRID.replace("profile: smoke", "profile: smoke\n  precision: fp64")
+                    .replace("batch_size: 256", "batch_size: 16"))
+    data = tmp_path / "data"
+    results = {}
+    for flag in ([], ["--no-pack"]):
+        out = tmp_path / ("alone" if flag else "packed")
+        code, text, _ = run(capsys, "sweep", grid, "--out", out, "--data-root", data,
+                            "--device", "cpu", *flag)
+        assert code == 0 and last_json(text)["counts"] == {"finished": 2}
+        index = json.loads((out / "index.json").read_text())["points"]
+        results[bool(flag)] = {h: e["final"]["test_loss"] for h, e in index.items()}
+    assert results[True].keys() == results[False].keys()
+    for h, loss in results[True].items():
+        assert results[False][h] == pytest.approx(loss, rel=1e-10)
 def test_critical_skips_non_finite_runs_per_run(tmp_path, capsys):
     """A sweep holding runs whose metrics and gradient norms became NaN or infinite (lr 1e6):
     as labkit writes them now (null, diverged) and as it wrote them before (NaN literals,

@@ -352,12 +352,13 @@ class _SetOnEpoch(Callback):
 
 
 def test_stop_inside_a_run_and_between_runs_then_resume(tmp_path, data_root):
+    # One run at a time (pack=False): "between runs" has a meaning.
     spec = {"base": base(data_root, epochs=2), "grid": {"lr": [0.05, 0.1]}}
     out = tmp_path / "sweep"
     # 1. The stop request arrives during the first run's first epoch.
     event = threading.Event()
     first = run_sweep(spec, out, progress=False, stop_event=event,
-                      callbacks=[_SetOnEpoch(event)])
+                      callbacks=[_SetOnEpoch(event)], pack=False)
     assert first.stopped and not first.complete
     assert [p.status for p in first.points] == ["stopped", "pending"]
     assert first.points[0].result.status == "stopped"
@@ -367,16 +368,56 @@ def test_stop_inside_a_run_and_between_runs_then_resume(tmp_path, data_root):
     # 2. A callable stop request, set when the first point ends: the sweep stops between runs.
     done = []
     second = run_sweep(spec, out, progress=False, stop_event=lambda: bool(done),
-                       on_run_end=done.append)
+                       on_run_end=done.append, pack=False)
     assert second.stopped
     assert [p.status for p in second.points] == ["finished", "pending"]
     assert second.points[0].result.resumed_from == 1  # the first epoch was not redone
     assert len(done) == 1
     # 3. No stop request: the sweep completes, and the finished point is only loaded.
-    third = run_sweep(spec, out, progress=False)
+    third = run_sweep(spec, out, progress=False, pack=False)
     assert third.complete and not third.stopped
     assert [p.loaded for p in third.points] == [True, False]
     assert list(load_results(out)["epochs_completed"]) == [2, 2]
+
+
+class _StopAtStep(Callback):
+    step_interval = 1
+
+    def __init__(self, event, step):
+        self.event, self.step = event, step
+
+    def on_step(self, state):
+        if state.step == self.step:
+            self.event.set()
+
+
+def test_a_packed_sweep_equals_one_run_at_a_time_and_resumes(tmp_path, data_root):
+    spec = {"base": base(data_root, epochs=2, batch_size=16, precision="fp64"),
+            "zip": {"optimizer": ["sgd", "shb", "nshb", "adam"],
+                    "lr": [0.05, 0.05, 0.2, 0.001], "seed": [0, 1, 2, 3]}}
+    alone = run_sweep(spec, tmp_path / "alone", progress=False, pack=False)
+    # The SGD/SHB/NSHB points train as one pack (adam alone); a stop request in the pack's
+    # second epoch stops its three runs with their first epoch on disk.
+    event = threading.Event()
+    seen = []
+    first = run_sweep(spec, tmp_path / "packed", progress=False, stop_event=event,
+                      callbacks=[_StopAtStep(event, 6)], on_run_end=seen.append)
+    assert first.stopped
+    assert [p.status for p in first.points] == ["stopped"] * 3 + ["pending"]
+    assert [p.index for p in seen] == [0, 1, 2]
+    assert list(load_results(tmp_path / "packed")["epochs_completed"]) == [1, 1, 1, 0]
+    packed = run_sweep(spec, tmp_path / "packed", progress=False)
+    assert packed.complete
+    assert [p.result.resumed_from for p in packed.points] == [1, 1, 1, 0]
+    for p, a in zip(packed.points, alone.points, strict=True):
+        assert p.hash == a.hash
+        for row_p, row_a in zip(p.result.metrics, a.result.metrics, strict=True):
+            for key in ("train_loss", "test_loss", "train_acc", "test_acc", "grad_norm"):
+                assert row_p[key] == pytest.approx(row_a[key], rel=1e-10, abs=1e-12)
+    got = load_results(tmp_path / "packed").drop(columns=["time", "wall_time"], errors="ignore")
+    want = load_results(tmp_path / "alone").drop(columns=["time", "wall_time"], errors="ignore")
+    assert list(got.columns) == list(want.columns)
+    assert list(got["status"]) == list(want["status"]) == ["finished"] * 4
 
 
 class _Interrupt(Callback):
@@ -671,6 +712,28 @@ def test_plots_from_a_real_sweep(sweep):
     assert [ln.get_label() for ln in ax.get_lines()] == ["optimizer = sgd", "optimizer = shb"]
 
 
+def test_pack_units_group_what_shares_a_step(data_root):
+    from labkit.experiments.sweep import PointResult, pack_units
+    from labkit.train_pack import CPU_PACK_SIZE
+
+    def point(i, status="pending", **kw):
+        cfg = TrainConfig(**base(data_root, **{"batch_size": 16, **kw})).resolved()
+        return PointResult(i, config_hash(cfg), cfg, status, f"runs/{i}")
+
+    points = [point(0, optimizer="sgd"), point(1, optimizer="adam", lr=1e-3),
+              point(2, optimizer="shb", batch_size=8), point(3, optimizer="nshb"),
+              point(4, optimizer="shb", status="finished"),
+              *[point(5 + i, optimizer="sgd", seed=i + 1) for i in range(CPU_PACK_SIZE)],
+              point(13, optimizer="sgd", batch_size=64), point(14, optimizer="shb", batch_size=64)]
+    units = pack_units(points, {}, pack=True)
+    got = [([p.index for p in unit], packed) for unit, packed in units]
+    # sgd/nshb at b = 16 with the seeds' sgd runs: a pack of CPU_PACK_SIZE, then the rest;
+    # adam alone; the b = 8 run alone (a group of one on the CPU trains with train());
+    # a finished point is only loaded; at b = 64 the CPU does not pack.
+    same_step = [0, 3, *range(5, 5 + CPU_PACK_SIZE)]
+    assert got == [(same_step[:CPU_PACK_SIZE], True), (same_step[CPU_PACK_SIZE:], True),
+                   ([1], False), ([2], False), ([4], False), ([13], False), ([14], False)]
+    assert all(not packed for _, packed in pack_units(points, {}, pack=False))
 # --------------------------------------------------------------------------- hardening (issue 15)
 
 

@@ -139,6 +139,32 @@ def test_sweep_on_ray_equals_the_local_sweep(cluster, data_root, tmp_path):
     assert all(p.loaded for p in again.points)
 
 
+def test_a_pack_of_runs_is_one_ray_task_and_equals_the_local_packed_sweep(cluster, data_root,
+                                                                          tmp_path):
+    """Points that pack (SGD/SHB/NSHB at b = 8 on CPUs) run as one task, one pack, as the local
+    executor trains them; the numbers equal the local packed sweep and the runs trained alone."""
+    import torch
+
+    spec = {"base": base(data_root, batch_size=8, epochs=1),
+            "grid": {"optimizer": ["sgd", "shb", "nshb"], "lr": [0.05]}}
+    n = _one_thread()
+    try:
+        local = run_sweep(spec, tmp_path / "local", progress=False)
+        alone = run_sweep(spec, tmp_path / "alone", progress=False, pack=False)
+    finally:
+        torch.set_num_threads(n)
+    remote = run_sweep(spec, tmp_path / "ray", progress=False, executor=rx.RayExecutor("auto"))
+    assert local.complete and alone.complete and remote.complete
+    pids = {json.loads((Path(p.folder) / rx.WORKER_FILE).read_text())["pid"]
+            for p in remote.points}
+    assert len(pids) == 1 and os.getpid() not in pids  # one task trained the three runs
+    assert _curves(tmp_path / "ray") == _curves(tmp_path / "local")
+    for h, rows in _curves(tmp_path / "alone").items():  # packed = alone (fp32: to rounding)
+        for a, b in zip(rows, _curves(tmp_path / "ray")[h], strict=True):
+            assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-6)
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
 def test_cli_sweep_on_ray(cluster, data_root, tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"base: {json.dumps(base(data_root, epochs=1))}\n"

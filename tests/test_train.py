@@ -386,6 +386,37 @@ def test_fp32_runs_turn_tf32_off_and_restore_it(data_root, precision, inside):
 
 
 
+def test_a_resolved_config_is_checked_once_and_read_only(data_root, tmp_path):
+    import dataclasses
+    from unittest import mock
+
+    from labkit.experiments import plan_sweep, run_sweep
+    from labkit.train import ResolvedConfig
+
+    c = cfg(data_root).resolved()
+    assert isinstance(c, ResolvedConfig) and c.resolved() is c
+    with pytest.raises(AttributeError, match="read-only .*'lr'.*dataclasses.replace"):
+        c.lr = 1.0
+    with pytest.raises(ValueError, match="lr must be a positive finite number; got -1"):
+        dataclasses.replace(c, lr=-1)  # a replaced field is checked again
+    moved = c.relocated(out=str(tmp_path / "x"))
+    assert moved.out == str(tmp_path / "x") and c.out is None and config_hash(moved) == \
+        config_hash(c)
+
+    configs = [cfg(data_root, epochs=1, lr=lr, optimizer="sgd", hparams={}) for lr in (0.1, 0.05)]
+    check = TrainConfig.resolved  # the one place where a config is checked
+    with mock.patch.object(TrainConfig, "resolved", autospec=True,
+                           side_effect=check) as checks:
+        plan_sweep(configs, tmp_path / "s")
+        assert checks.call_count == 2  # once per config
+        result = run_sweep(configs, tmp_path / "s", progress=False)
+        assert result.complete
+        # run_sweep checks each config once; config_hash, the index and train do not check.
+        assert checks.call_count == 4
+        fresh = result.points[0].config.relocated(out=str(tmp_path / "fresh"))
+        checks.reset_mock()
+        train(fresh, progress=False)
+        assert checks.call_count == 0
 # --------------------------------------------------------------------------- hardening (issue 15)
 
 

@@ -1,13 +1,17 @@
-"""Run a sweep's points on a Ray cluster: one Ray task per point, the results in the same store.
+"""Run a sweep's points on a Ray cluster: one Ray task per point or pack, the results in the same
+store.
 
 Book: none of its own; it runs the grids of chapters 4, 7 and 8 (e.g. the critical-batch grid of
 Sato & Iiduka (2024), tens of GPU-hours) on many GPUs instead of one.
 
-:class:`RayExecutor` is an executor for :func:`labkit.experiments.run_sweep`. Each point that
-is not finished becomes a Ray task that requests ``gpus_per_point`` GPUs (a fraction such as
-0.25 lets four small runs share a GPU; 0 on a CPU-only cluster) and calls
-:func:`labkit.experiments.sweep.run_point`, the function the local loop calls, in
-``<out>/runs/<hash>/``. The sweep folder must be on a filesystem that every worker sees at the
+:class:`RayExecutor` is an executor for :func:`labkit.experiments.run_sweep`. The points that
+are not finished are grouped as the local executor groups them
+(:func:`labkit.experiments.sweep.pack_units`): each pack of runs trained together, and each
+point that trains alone, becomes a Ray task that requests ``gpus_per_point`` GPUs (a fraction
+such as 0.25 lets four small tasks share a GPU; 0 on a CPU-only cluster) and calls
+:func:`~labkit.experiments.sweep.run_pack` or :func:`~labkit.experiments.sweep.run_point`, the
+functions the local executor calls, in ``<out>/runs/<hash>/``. The pack size is chosen on the
+driver's device. The sweep folder must be on a filesystem that every worker sees at the
 same path: the driver writes a marker file with a random token into it and each task checks it
 before training. Tasks write only their run folder; the driver (the process that called
 ``run_sweep``) writes ``index.json`` as tasks finish.
@@ -40,7 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from labkit.data import default_data_root
-from labkit.experiments.sweep import PointOutcome, PointResult, SweepRun, run_point
+from labkit.experiments.sweep import (
+    PointOutcome,
+    PointResult,
+    SweepRun,
+    pack_units,
+    run_pack,
+    run_point,
+)
 from labkit.store import RUNS_FOLDER, atomic_write_bytes, atomic_write_json
 from labkit.train import TrainConfig
 
@@ -114,12 +125,28 @@ def point_task(config: TrainConfig, out: str, token: str) -> PointOutcome:
     Raises:
         FolderNotVisibleError: this worker cannot see the driver's sweep folder.
     """
+    return unit_task([config], out, token, packed=False)[0]
+
+
+def unit_task(configs: list[TrainConfig], out: str, token: str,
+              packed: bool) -> list[PointOutcome]:
+    """The body of one Ray task: check the sweep folder, then train its points, a pack of runs
+    trained together (:func:`~labkit.experiments.sweep.run_pack`) or one point
+    (:func:`~labkit.experiments.sweep.run_point`), each in its ``config.out`` (resuming from
+    its checkpoint when an earlier attempt left one).
+
+    Raises:
+        FolderNotVisibleError: this worker cannot see the driver's sweep folder.
+    """
     check_marker(out, token)
-    folder = Path(config.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / WORKER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
-                                             "token": token, "started": time.time()})
-    return run_point(config, progress=False)
+    for config in configs:
+        folder = Path(config.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / WORKER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                 "token": token, "started": time.time()})
+    if packed:
+        return run_pack(configs, progress=False)
+    return [run_point(config, progress=False) for config in configs]
 
 
 # --------------------------------------------------------------------------- connecting
@@ -342,20 +369,25 @@ class RayExecutor:
             print(f"labkit: the Ray cluster has no GPU now; the points, {gpus:g} GPU each, wait "
                   "until GPU nodes join (use gpus_per_point=0, --gpus-per-point 0, to run them "
                   "on CPUs)", file=sys.stderr, flush=True)
-        task = ray.remote(point_task).options(
+        task = ray.remote(unit_task).options(
             num_gpus=gpus, num_cpus=self.cpus_per_point,
             max_retries=self.max_retries, retry_exceptions=False, name="labkit-point")
-        refs: dict[Any, PointResult] = {}
-        for point in todo:
-            refs[task.remote(_for_workers(point, out), out, token)] = point
-        waiting = dict(refs)  # submitted, not yet seen running
+        # One task per unit: a pack of runs trained together, or one point (pack_units decides
+        # on the driver's device: 8 runs per pack at small batch sizes on CPUs).
+        refs: dict[Any, list[PointResult]] = {}
+        for unit, packed in pack_units(todo, sweep.datasets, sweep.pack):
+            configs = [_for_workers(point, out) for point in unit]
+            refs[task.remote(configs, out, token, packed)] = unit
+        waiting = {point.hash: point for unit in refs.values() for point in unit}
         try:
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=_POLL)
                 for ref in ready:
-                    point = refs.pop(ref)
-                    waiting.pop(ref, None)
-                    done(point, self._outcome(ray, ref))
+                    unit = refs.pop(ref)
+                    outcomes = self._outcomes(ray, ref, len(unit))
+                    for point, outcome in zip(unit, outcomes, strict=True):
+                        waiting.pop(point.hash, None)
+                        done(point, outcome)
                 self._poll_started(sweep, waiting, token)
                 if refs and sweep.should_stop():
                     self._cancel(ray, sweep, refs)
@@ -368,42 +400,43 @@ class RayExecutor:
         return False
 
     @staticmethod
-    def _poll_started(sweep: SweepRun, waiting: dict[Any, PointResult], token: str) -> None:
+    def _poll_started(sweep: SweepRun, waiting: dict[str, PointResult], token: str) -> None:
         """Mark ``running`` the points whose task has written its worker file (this sweep's
         token), so the index and the bar tell running points from queued ones."""
-        for ref, point in list(waiting.items()):
+        for key, point in list(waiting.items()):
             path = Path(point.folder) / WORKER_FILE
             try:
                 started = token in path.read_text()
             except OSError:
                 started = False
             if started:
-                del waiting[ref]
+                del waiting[key]
                 sweep.started(point)
 
-    def _outcome(self, ray: Any, ref: Any) -> PointOutcome:
-        """The task's outcome; what Ray raised for it, as a ``failed`` or ``stopped`` one."""
+    def _outcomes(self, ray: Any, ref: Any, n: int) -> list[PointOutcome]:
+        """The outcomes of a task's ``n`` points; what Ray raised for it, as ``failed`` or
+        ``stopped`` ones."""
         from ray import exceptions as rex
 
         try:
-            return ray.get(ref)
+            return list(ray.get(ref))
         except rex.RayTaskError as e:
             cause = getattr(e, "cause", None)
             if isinstance(e, FolderNotVisibleError) or isinstance(cause, FolderNotVisibleError):
                 raise ClusterError(str(cause or e).splitlines()[-1]) from None
             cause = cause if cause is not None else e
-            return PointOutcome("failed", error=f"{type(cause).__name__}: {cause}")
+            return [PointOutcome("failed", error=f"{type(cause).__name__}: {cause}")] * n
         except rex.TaskCancelledError:
-            return PointOutcome("stopped", error=None)
+            return [PointOutcome("stopped", error=None)] * n
         except rex.RayError as e:  # worker or node died more than max_retries times, ...
             text = " ".join(str(e).split())[:500]
-            return PointOutcome(
+            return [PointOutcome(
                 "failed",
                 error=f"{type(e).__name__}: {text} (after {self.max_retries} retries; the run "
-                "folder resumes from its last checkpoint on the next call)")
+                "folder resumes from its last checkpoint on the next call)")] * n
 
     @staticmethod
-    def _cancel(ray: Any, sweep: SweepRun, refs: dict[Any, PointResult]) -> None:
+    def _cancel(ray: Any, sweep: SweepRun, refs: dict[Any, list[PointResult]]) -> None:
         """Cancel the unfinished tasks (a KeyboardInterrupt inside each, as Ctrl-C does
         locally) and record their points as resumable."""
         for ref in refs:
@@ -411,8 +444,9 @@ class RayExecutor:
                 ray.cancel(ref)
         if refs:
             ray.wait(list(refs), num_returns=len(refs), timeout=10)
-        for point in refs.values():
-            sweep.interrupted(point)
+        for unit in refs.values():
+            for point in unit:
+                sweep.interrupted(point)
 
 
 def executor_from_env(environ: dict[str, str] | None = None) -> Callable[[SweepRun], bool] | None:

@@ -102,7 +102,9 @@ __all__ = [
     "expand_grid",
     "load_spec",
     "local_executor",
+    "pack_units",
     "plan_sweep",
+    "run_pack",
     "run_point",
     "run_sweep",
     "summarize_metrics",
@@ -785,7 +787,7 @@ def plan_sweep(
             stored = index.points.get(h, {})
             if stored.get("status") == "failed":
                 status, error = "failed", stored.get("error")
-        points.append(PointResult(i, h, dataclasses.replace(cfg, out=str(folder)), status,
+        points.append(PointResult(i, h, cfg.relocated(out=str(folder)), status,
                                   str(folder), error=error))
     return points
 
@@ -798,6 +800,7 @@ def run_sweep(
     progress: bool = True,
     stop_event: Any = None,
     on_run_end: Callable[[PointResult], None] | None = None,
+    pack: bool = True,
     executor: Executor | None = None,
     max_points: int | None = MAX_POINTS,
 ) -> SweepResult:
@@ -825,6 +828,13 @@ def run_sweep(
             Ray cluster (``callbacks`` then see only the points trained here, none). Either
             way this process alone writes ``index.json``.
         max_points: refuse a grid of more points than this (None: no limit).
+        pack: train the points that share model, data set, batch-size schedule and epochs
+            (and use SGD, SHB or NSHB) as packs of K runs at once
+            (:func:`labkit.train_pack.train_pack`; K from the GPU's free memory, 8 on the CPU
+            at batch sizes up to 16 and no packing above: :func:`labkit.train_pack.
+            choose_pack_size`). Every run and its folder are what
+            training it alone gives. ``False`` trains one point at a time. The adaptive
+            optimizers always train one at a time.
 
     Returns:
         A :class:`SweepResult`; ``stopped`` is True when the stop request ended the sweep.
@@ -855,7 +865,7 @@ def run_sweep(
     with store.writing(out, "a sweep"):
         store.clean_temporary_files(out)
         return _run(configs, out, datasets, callbacks, progress, should_stop, on_run_end,
-                    executor or local_executor)
+                    executor or local_executor, pack)
 
 
 def _run(
@@ -867,6 +877,7 @@ def _run(
     should_stop: Callable[[], bool],
     on_run_end: Callable[[PointResult], None] | None,
     executor: Executor,
+    pack: bool = False,
 ) -> SweepResult:
     (out / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
     index = SweepIndex(out)
@@ -881,7 +892,7 @@ def _run(
         if status in ("pending", "stopped") and old.get("status") == "failed":
             status, error = "failed", old.get("error")
         index.set(h, i, cfg.identity(), status, metrics, error)
-        points.append(PointResult(i, h, dataclasses.replace(cfg, out=str(folder)), status,
+        points.append(PointResult(i, h, cfg.relocated(out=str(folder)), status,
                                   str(folder), error=error))
     # Entries of earlier sweeps into the same folder stay (a grid can grow).
     extra = sorted((e.get("order", 0), h) for h, e in previous.items() if h not in index.points)
@@ -891,7 +902,7 @@ def _run(
 
     sweep = SweepRun(out=out, points=points, index=index, datasets=datasets,
                      callbacks=tuple(callbacks), progress=progress, should_stop=should_stop,
-                     on_run_end=on_run_end)
+                     on_run_end=on_run_end, pack=pack)
     if progress:
         from tqdm.auto import tqdm
 
@@ -948,6 +959,26 @@ def run_point(
     return PointOutcome(result.status, result=result)
 
 
+def run_pack(
+    configs: Sequence[TrainConfig],
+    *,
+    data: lk_data.CifarData | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = False,
+) -> list[PointOutcome]:
+    """Train points together as one pack (:func:`labkit.train_pack.train_pack`): each run and
+    its folder are what training it alone gives. If the pack raises (e.g. out of memory), the
+    points train one at a time with :func:`run_point`, so that a point's error is its own.
+    """
+    from labkit.train_pack import train_pack
+
+    try:
+        results = train_pack(configs, callbacks, progress=progress, data=data)
+    except Exception:
+        return [run_point(c, data=data, callbacks=callbacks, progress=progress) for c in configs]
+    return [PointOutcome(r.status, result=r) for r in results]
+
+
 @dataclass
 class SweepRun:
     """One call of :func:`run_sweep` as an executor sees it: the points and the driver's
@@ -967,6 +998,7 @@ class SweepRun:
     progress: bool
     should_stop: Callable[[], bool]
     on_run_end: Callable[[PointResult], None] | None = None
+    pack: bool = False
     bar: Any = None
     running: set[str] = field(default_factory=set)
 
@@ -1033,27 +1065,80 @@ Executor = Callable[[SweepRun], bool]
 
 
 def local_executor(sweep: SweepRun) -> bool:
-    """Run the points one after another in this process, in order (the default executor).
+    """Run the points in this process, in order: one at a time, or as packs of runs trained
+    together (:func:`pack_units`, when ``run_sweep(pack=True)``; the default executor).
 
-    Finished points are loaded from disk; the stop request is checked before each point and
-    after every optimizer step; Ctrl-C records the running point as resumable and re-raises.
+    Finished points are loaded from disk; the stop request is checked before each unit and
+    after every optimizer step; Ctrl-C records the running points as resumable and re-raises.
     """
     stop_cb = _StopCallback(sweep.should_stop)
-    for point in sweep.points:
+    callbacks = (*sweep.callbacks, stop_cb)
+    points = [p for p in sweep.points if p.status != "damaged"]  # reported by run_sweep
+    for unit, packed in pack_units(points, sweep.datasets, sweep.pack):
         if sweep.should_stop():
             return True
-        cfg = point.config
-        if point.status == "damaged":  # reported by run_sweep; the other points go on
-            continue
-        if point.status not in ("finished", "diverged"):
-            sweep.started(point)
+        for point in unit:
+            if point.status not in ("finished", "diverged"):
+                sweep.started(point)
+        data = sweep.data_for(unit[0].config)
         try:
-            outcome = run_point(cfg, data=sweep.data_for(cfg),
-                                callbacks=(*sweep.callbacks, stop_cb), progress=sweep.progress)
+            if packed:
+                outcomes = run_pack([p.config for p in unit], data=data, callbacks=callbacks,
+                                    progress=sweep.progress)
+            else:
+                outcomes = [run_point(unit[0].config, data=data, callbacks=callbacks,
+                                      progress=sweep.progress)]
         except KeyboardInterrupt:
-            sweep.interrupted(point)
+            for point in unit:
+                sweep.interrupted(point)
             raise
-        sweep.finished(point, outcome)
-        if point.status == "stopped":
+        for point, outcome in zip(unit, outcomes, strict=True):
+            sweep.finished(point, outcome)
+        if any(point.status == "stopped" for point in unit):
             return True
     return False
+
+
+
+
+# --------------------------------------------------------------------------- packs
+
+
+def pack_units(
+    points: Sequence[PointResult], datasets: Mapping[tuple, lk_data.CifarData], pack: bool
+) -> list[tuple[list[PointResult], bool]]:
+    """The order in which :func:`run_sweep` trains its points: ``(points, packed)`` pairs, one
+    point trained alone by :func:`labkit.train.train` (or loaded), or a pack of points trained
+    together by :func:`labkit.train_pack.train_pack`.
+
+    A pack holds points to train that share :func:`labkit.train_pack.pack_key`, at most
+    :func:`labkit.train_pack.choose_pack_size` of them (on the CPU only at small batch sizes);
+    it takes the place of its first point. On CUDA a packable point without company is a pack
+    of one, for its CUDA-graph steps.
+    """
+    if not pack:
+        return [([p], False) for p in points]
+    from labkit.train_pack import choose_pack_size, pack_key
+
+    groups: dict[tuple, list[PointResult]] = {}
+    units: list[list[PointResult]] = []
+    for p in points:
+        key = pack_key(p.config) if p.status not in ("finished", "diverged") else None
+        if key is None:
+            units.append([p])
+            continue
+        if key not in groups:
+            groups[key] = []
+            units.append(groups[key])
+        groups[key].append(p)
+    out: list[tuple[list[PointResult], bool]] = []
+    for unit in units:
+        cfg = unit[0].config
+        if len(unit) == 1:
+            alone = pack_key(cfg) is None or unit[0].status in ("finished", "diverged")
+            out.append((unit, not alone and resolve_device(cfg.device).type == "cuda"))
+            continue
+        k = choose_pack_size(cfg, datasets.get(_data_key(cfg)), len(unit))
+        on_cuda = resolve_device(cfg.device).type == "cuda"
+        out.extend((unit[i:i + k], k > 1 or on_cuda) for i in range(0, len(unit), k))
+    return out
