@@ -532,7 +532,7 @@ def _add_critical_measure_parser(c: argparse.ArgumentParser, profiles: Sequence[
         "--eps trains only the runs that stopped before reaching it.",
     )
     m.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="default: digits for --profile cpu, else cifar100 (the seed's "
+                   help="default: digits for --profile cpu, else cifar100 (the paper's "
                    "experiment)")
     m.add_argument("--model", choices=MODEL_NAMES, default=None,
                    help="default: tiny for --profile smoke and on the digits, else the "

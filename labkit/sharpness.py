@@ -9,14 +9,15 @@ where L_B is the mean loss on the batch B, the division is elementwise, and c = 
 radius relative to each weight (Kwon et al. 2021, "ASAM: adaptive sharpness-aware
 minimization for scale-invariant learning of deep neural networks", arXiv:2102.11600). With
 c = |w| the measure is invariant under the rescalings that leave a ReLU network's function
-unchanged (multiply one layer by a > 0 and the next by 1/a); with c = 1 it is not. The seed
-measures it with p = inf and rho = 0.0002 around ResNet-18 solutions on CIFAR-100, following
-Andriushchenko et al. (2023), "A modern look at the relationship between sharpness and
-generalization", arXiv:2302.07011. Its code (naoki-sato3/new-sigma-nice ``sharpness/main.py``)
-takes the expectation over the first 1024 training images in file order, in batches of 128,
-without augmentation; :func:`labkit.experiments.measure_sharpness` does the same by default.
-(That script measures plain sharpness unless it is run with ``--adaptive``; the article reports
-adaptive sharpness, labkit's default.)
+unchanged (multiply one layer by a > 0 and the next by 1/a); with c = 1 it is not. Sato &
+Iiduka (2024, arXiv:2402.02325) measure it with p = inf and rho = 0.0002 around ResNet-18
+solutions on CIFAR-100, following Andriushchenko et al. (2023), "A modern look at the
+relationship between sharpness and generalization", arXiv:2302.07011. Its code
+(naoki-sato3/new-sigma-nice ``sharpness/main.py``) takes the expectation over the first 1024
+training images in file order, in batches of 128, without augmentation;
+:func:`labkit.experiments.measure_sharpness` does the same by default. (That script measures
+plain sharpness unless it is run with ``--adaptive``; the article reports adaptive sharpness,
+labkit's default.)
 
 How the inner maximum is computed. We write delta = c * z and maximize over z in the ball
 ||z||_p <= rho by projected steepest ascent, the gradient in z being c * grad L(w + c * z):

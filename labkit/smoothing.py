@@ -8,7 +8,7 @@ Definition (Sato & Iiduka, arXiv 2402.02325, Def. 2.1): the smoothing of f with 
 delta >= 0 is ``f_hat_delta(x) = E_u[f(x - delta u)]``. Two noise distributions:
 
 - ``"gaussian"``: ``u ~ N(0, (1/d) I_d)``, i.e. each coordinate of ``u`` has standard
-  deviation ``1/sqrt(d)``, so ``E||u||^2 = 1`` and in 1-D ``u ~ N(0, 1)``. The seed writes
+  deviation ``1/sqrt(d)``, so ``E||u||^2 = 1`` and in 1-D ``u ~ N(0, 1)``. The paper writes
   the covariance as ``(1/sqrt(d)) I_d``; we read it as variance ``1/d`` per coordinate,
   which is the reading under which its Lemma 2.1 proof step ``E||u|| <= 1`` holds for
   every d (by Jensen, ``E||u|| <= sqrt(E||u||^2) = 1``). Both readings agree in 1-D.

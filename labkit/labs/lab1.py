@@ -10,7 +10,7 @@ power-eta thesis).
 
 The panel's interface is that of every lab that trains (:mod:`labkit.labs`): :func:`controls`,
 :func:`defaults`, :func:`validate`, :func:`grid` and :func:`label`; :func:`run_table` and
-:func:`figure` show the runs, :func:`eta_label` names a power eta as the seed does.
+:func:`figure` show the runs, :func:`eta_label` names a power eta as the thesis does.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ LAB_ID = "lab1_optimizer_zoo"
 
 
 def eta_label(eta: float) -> str:
-    """The seed's name of a power eta: ``1/3``, ``1/2``, ``1``, ``2``, ``3``, ``4``."""
+    """The thesis's name of a power eta: ``1/3``, ``1/2``, ``1``, ``2``, ``3``, ``4``."""
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (
         math.isfinite(eta) and eta > 0
     ):
@@ -68,11 +68,11 @@ OPTIMIZERS: dict[str, str] = {
 _ADAM_TYPE = ("adam", "amsgrad", "adam_thesis", "amsgrad_thesis")
 # Short names in curve labels and figure titles.
 _SHORT = {"adam": "Adam", "amsgrad": "AMSGrad", "adam_thesis": "(2)", "amsgrad_thesis": "(3)"}
-# Learning rates: "lr" (the seed's alpha) for the methods that divide by a running mean of
+# Learning rates: "lr" (the thesis's alpha) for the methods that divide by a running mean of
 # squared gradients, "lr_sgd" for the plain-gradient methods and AdaGrad.
 _USES_ALPHA = ("rmsprop", *_ADAM_TYPE)
-#: Reference accuracy for orientation (not the power-eta thesis's number: the seed gives curves
-#: only).
+#: Reference accuracy for orientation (not the power-eta thesis's number: the thesis gives
+#: curves only).
 REFERENCE = {"label": "He et al. 2016: ResNet-44 with SGD, 92.8%", "test_acc": 0.928}
 
 _DEFAULTS = {

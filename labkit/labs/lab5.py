@@ -112,7 +112,7 @@ def controls() -> dict[str, Any]:
 def defaults(profile: str) -> dict[str, Any]:
     """The knob values of each profile: Sato & Iiduka's (2023) lr0 = 0.1, b0 = 32, all schedules, p
     = 0.9;
-    five stages (epochs / every = 5, as 200 / 40 in the seed)."""
+    five stages (epochs / every = 5, as 200 / 40 in the paper)."""
     check_profile(profile)
     return {"schedules": tuple(SCHEDULES), "powers": (0.9,), "lr0": 0.1, "batch0": 32,
             "seeds": 1, **_DEFAULTS[profile]}
@@ -321,7 +321,7 @@ def epoch_plans(history: Any) -> dict[str, dict[str, list]]:
 
 def stage_rows(lr0: float = 0.1, batch0: int = 32, epochs: int = 200, every: int = 40,
                p: float = 0.9) -> list[dict[str, Any]]:
-    """Sato & Iiduka's (2023) schedules stage by stage (defaults: the seed's lr0, b0, epochs and
+    """Sato & Iiduka's (2023) schedules stage by stage (defaults: their lr0, b0, epochs and
     stages).
 
     One dict per stage m = 0, 1, ...: ``{"stage": m, "first_epoch": ..., "last_epoch": ...,

@@ -3,7 +3,7 @@
 Reproduces Sato & Iiduka (2024, arXiv:2402.02325) §5.3 and Fig. 8 (a), (c), (d), (e).
 Book: chapter 8 (adaptive sharpness and the smoothing degree).
 
-Train with several (eta, b) (SGD in the seed; SHB and NSHB as options), measure the adaptive
+Train with several (eta, b) (SGD in the paper; SHB and NSHB as options), measure the adaptive
 sharpness (Kwon et al. 2021, arXiv:2102.11600) of every final model with rho = 0.0002 and the
 l_inf ball on the first 1024 training images in batches of 128, as the authors' code does
 (:func:`labkit.experiments.measure_sharpness`), and compute each run's delta (Sato &
@@ -63,7 +63,7 @@ __all__ = [
 #: The lab's notebook, without ``.ipynb``.
 LAB_ID = "lab6_sharpness"
 
-#: The optimizers of lab 6 (the seed's Fig. 8 uses SGD).
+#: The optimizers of lab 6 (Sato & Iiduka's (2024) Fig. 8 uses SGD).
 OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "shb": "SHB", "nshb": "NSHB"}
 #: Learning rates offered (Sato & Iiduka (2024) Fig. 8: 0.01, 0.05, 0.1, 0.5).
 LRS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.5)
