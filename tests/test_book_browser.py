@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -152,6 +153,15 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+def _wait_until_loaded(browser, page: str, seconds: float = 60.0) -> None:
+    """Wait for the page's load event: on a busy machine ``get`` can return while a long page
+    (chapter 8's many figures) is still parsing."""
+    deadline = time.monotonic() + seconds
+    while browser.execute_script("return document.readyState") != "complete":
+        assert time.monotonic() < deadline, f"{page}: not loaded after {seconds:g} s"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("page", list(PAGES))
 def test_page_renders_offline_in_chromium(site, browser, page):
     base, served = site
@@ -159,7 +169,7 @@ def test_page_renders_offline_in_chromium(site, browser, page):
         browser.get_log(log)  # drop what earlier pages left
     del served[:]
     browser.get(base + page)
-    assert browser.execute_script("return document.readyState") == "complete"
+    _wait_until_loaded(browser, page)
 
     math = browser.execute_async_script(MATH_SCRIPT)
     assert math["mathjax"], f"{page}: MathJax did not start"
@@ -202,7 +212,7 @@ def test_interactive_figure_redraws_when_the_slider_moves(site, browser, page):
     browser.get_log("browser")
     del served[:]
     browser.get(base + page)
-    assert browser.execute_script("return document.readyState") == "complete"
+    _wait_until_loaded(browser, page)
     figures = browser.execute_script(INTERACTIVE_STATE_SCRIPT)
     assert len(figures) == 1, f"{page}: {len(figures)} interactive figures"
     before = figures[0]
