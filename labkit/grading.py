@@ -84,6 +84,9 @@ __all__ = [
 
 #: MIME type of the output ``labkit.record(name, value)`` displays.
 RECORD_MIME = "application/vnd.labkit.record+json"
+#: What nbgrader's generate_assignment leaves in an answer cell (a student who never answered
+#: submits it as is): the grader reads it as "not answered".
+ANSWER_PLACEHOLDER = "raise " + NotImplementedError.__name__ + "()"
 #: Submissions larger than this (bytes) are not read: 20 MiB.
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 #: Per-cell time limit (seconds) of ``--execute``.
@@ -1932,14 +1935,14 @@ def _not_answered(nb: Any, release: Release, q: Question,
             for out in cell.get("outputs") or []:
                 if out.get("output_type") == "error" and out.get("ename") == "NotImplementedError":
                     return (f"not answered: the cell {gid!r} raised NotImplementedError (the "
-                            "lab's placeholder): write your answer in place of "
-                            "'raise NotImplementedError()', run it and save the notebook")
+                            f"lab's placeholder): write your answer in place of "
+                            f"'{ANSWER_PLACEHOLDER}', run it and save the notebook")
             released = release.cell(gid)
             if (released is not None and released.solution and cell.get("cell_type") == "code"
                     and cell.get("execution_count") is None
-                    and "raise NotImplementedError" in str(cell.get("source", ""))):
+                    and ANSWER_PLACEHOLDER.rstrip("()") in str(cell.get("source", ""))):
                 return (f"not answered: the answer cell {gid!r} still holds the lab's "
-                        "placeholder 'raise NotImplementedError()' and was not run")
+                        f"placeholder '{ANSWER_PLACEHOLDER}' and was not run")
     return None
 
 

@@ -5,9 +5,9 @@ with their solutions (``### BEGIN SOLUTION`` blocks) and any hidden tests, are
 ``labs/source/<lab>.ipynb``; the notebooks students open (the book's launch links, its Labs
 page, the download links) are ``labs/<lab>.ipynb``, made from the sources by nbgrader's own
 ``GenerateAssignment`` converter: every solution block becomes ``# YOUR CODE HERE`` /
-``raise NotImplementedError()``, hidden tests are removed, outputs cleared, locked cells marked
-read-only and checksummed. The files are written by nbformat, so one source always gives the
-same bytes.
+nbgrader's placeholder (:data:`labkit.grading.ANSWER_PLACEHOLDER`), hidden tests are
+removed, outputs cleared, locked cells marked read-only and checksummed. The files are
+written by nbformat, so one source always gives the same bytes.
 
 From the repository root::
 
